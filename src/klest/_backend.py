@@ -1,0 +1,200 @@
+"""Array-namespace resolution and input checks shared by every public function.
+
+Nothing here imports a backend: the namespace comes from the arrays the caller passed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import array_api_compat as _compat
+import numpy as np
+
+from ._config import get_options
+from .errors import KlestError
+
+__all__ = [
+    "Array",
+    "as_float",
+    "check_log_ratio_values",
+    "is_traced",
+    "log_ratio",
+    "namespace",
+]
+
+Array = Any  # any array-API array (numpy, torch, jax, array_api_strict, ...)
+
+
+def is_traced(x: Array) -> bool:
+    """True for abstract values (a jax tracer under jit/grad) whose contents cannot be inspected."""
+    return any(cls.__name__.endswith("Tracer") for cls in type(x).__mro__)
+
+
+def _library(x: Any) -> str:
+    return type(x).__module__.split(".")[0]
+
+
+def namespace(**named: Any) -> tuple[Any, dict[str, Array]]:
+    """Resolve one array namespace for the named arguments (``None`` values are skipped).
+
+    Python scalars and lists become arrays of that namespace; arrays from two different libraries
+    raise :class:`KlestError` naming both arguments.
+    """
+    arrays = {k: v for k, v in named.items() if v is not None and _compat.is_array_api_obj(v)}
+    if not arrays:
+        xp = _compat.array_namespace(np.empty(0))
+    else:
+        spaces = {k: _compat.array_namespace(v) for k, v in arrays.items()}
+        (first, xp), *rest = spaces.items()
+        for other, space in rest:
+            if space is not xp:
+                raise KlestError(
+                    f"arrays from two different libraries: `{first}` is {_library(arrays[first])} "
+                    f"and `{other}` is {_library(arrays[other])}; convert one of them first",
+                    argument=other,
+                    value=arrays[other],
+                )
+    out: dict[str, Array] = {}
+    for k, v in named.items():
+        if v is None:
+            continue
+        if k in arrays:
+            out[k] = v
+        elif isinstance(v, bool) or (
+            isinstance(v, (list, tuple)) and v and all(isinstance(e, bool) for e in v)
+        ):
+            out[k] = xp.asarray(v)
+        elif isinstance(v, (int, float, list, tuple)) or isinstance(v, np.generic):
+            out[k] = xp.asarray(np.asarray(v, dtype=np.float64))
+        else:
+            raise KlestError("expected an array or a number", argument=k, value=v)
+    return xp, out
+
+
+def as_float(xp: Any, name: str, a: Array) -> Array:
+    """Check that ``a`` has a real floating dtype; float16/bfloat16 are promoted to float32.
+
+    Integer, boolean and complex arrays raise: log-densities are real numbers, and silently
+    converting an integer array usually hides a bug (token ids passed for log-probs).
+    """
+    if not xp.isdtype(a.dtype, "real floating"):
+        raise KlestError(
+            "log-densities must have a real floating dtype (float16, bfloat16, float32 or float64)",
+            argument=name,
+            value=a,
+        )
+    if a.dtype not in (xp.float32, xp.float64):
+        a = xp.astype(a, xp.float32)
+    return a
+
+
+def _count(xp: Any, cond: Array) -> int:
+    return int(xp.sum(xp.astype(cond, xp.int64)))
+
+
+def _raise_if(xp: Any, cond: Array, name: str, value: Array, what: str) -> None:
+    n = _count(xp, cond)
+    if n:
+        total = int(np.prod(value.shape)) if value.shape else 1
+        raise KlestError(f"{what} ({n} of {total} elements)", argument=name, value=value)
+
+
+def check_log_ratio_values(
+    xp: Any, logq: Array | None, logp: Array | None, log_ratio: Array | None
+) -> None:
+    """Raise on values no sample can have: NaN anywhere, log q = ±inf, log p = +inf.
+
+    log p = -inf is allowed (the target gives the sample zero probability: KL(q‖p) is +inf).
+    """
+    for name, a in (("logq", logq), ("logp", logp), ("log_ratio", log_ratio)):
+        if a is None or is_traced(a):
+            continue
+        _raise_if(xp, xp.isnan(a), name, a, "contains NaN")
+        if name == "logq":
+            _raise_if(
+                xp,
+                xp.isinf(a),
+                name,
+                a,
+                "contains ±inf: a sample drawn from q cannot have zero (or infinite) density "
+                "under q",
+            )
+        else:
+            pos = a == xp.inf
+            _raise_if(
+                xp,
+                pos,
+                name,
+                a,
+                "contains +inf"
+                + (
+                    " (log p - log q = +inf means log q = -inf or log p = +inf)"
+                    if name == "log_ratio"
+                    else ""
+                ),
+            )
+
+
+def log_ratio(
+    logq: Array | None, logp: Array | None, log_ratio: Array | None, *, clamp: Any = None
+) -> tuple[Any, Array, int | Array]:
+    """Return ``(xp, L, n_clamped)`` with ``L = logp - logq`` in the computation dtype.
+
+    Either ``logq`` and ``logp`` or ``log_ratio`` must be given. Shapes broadcast. With
+    ``clamp=c`` (or ``(lo, hi)``) L is clipped to ``[-c, c]`` and the number of clipped elements
+    is returned; without it nothing is clipped and the count is 0.
+    """
+    if log_ratio is not None:
+        if logq is not None or logp is not None:
+            raise KlestError(
+                "pass either (logq, logp) or log_ratio, not both", argument="log_ratio"
+            )
+        xp, arrs = namespace(log_ratio=log_ratio)
+        L = as_float(xp, "log_ratio", arrs["log_ratio"])
+        if get_options().validate:
+            check_log_ratio_values(xp, None, None, L)
+    else:
+        if logq is None or logp is None:
+            missing = "logq" if logq is None else "logp"
+            raise KlestError(
+                "both logq and logp are required (or pass log_ratio=)", argument=missing
+            )
+        xp, arrs = namespace(logq=logq, logp=logp)
+        lq = as_float(xp, "logq", arrs["logq"])
+        lp = as_float(xp, "logp", arrs["logp"])
+        try:
+            shape = np.broadcast_shapes(tuple(lq.shape), tuple(lp.shape))
+        except ValueError:
+            raise KlestError(
+                f"shape {tuple(lp.shape)} does not broadcast with logq's shape {tuple(lq.shape)}",
+                argument="logp",
+                value=lp,
+            ) from None
+        del shape
+        if lq.dtype != lp.dtype:
+            dt = xp.float64 if xp.float64 in (lq.dtype, lp.dtype) else xp.float32
+            lq, lp = xp.astype(lq, dt), xp.astype(lp, dt)
+        if get_options().validate:
+            check_log_ratio_values(xp, lq, lp, None)
+        L = lp - lq
+    n_clamped: int | Array = 0
+    if clamp is not None:
+        lo, hi = _clamp_bounds(clamp)
+        n_clamped = xp.sum(xp.astype((L < lo) | (L > hi), xp.int64))
+        L = xp.clip(L, lo, hi)
+    return xp, L, n_clamped
+
+
+def _clamp_bounds(clamp: Any) -> tuple[float, float]:
+    if isinstance(clamp, (tuple, list)):
+        if len(clamp) != 2:
+            raise KlestError(
+                "clamp must be a number c (for [-c, c]) or a pair (lo, hi)", argument="clamp"
+            )
+        lo, hi = float(clamp[0]), float(clamp[1])
+    else:
+        hi = float(clamp)
+        lo = -hi
+    if not lo < hi:
+        raise KlestError(f"clamp bounds must satisfy lo < hi, got ({lo}, {hi})", argument="clamp")
+    return lo, hi

@@ -1,0 +1,289 @@
+r"""Per-sample Monte Carlo estimators of KL and other f-divergences.
+
+Conventions (one direction, everywhere): samples x ~ q (the sampler), p is the target,
+``L = log p(x) - log q(x)`` and ``r = e^L = p(x)/q(x)``. Every function takes ``logq`` and ``logp``
+(or ``log_ratio=L``), returns one value per sample with the inputs' broadcast shape, array type and
+floating dtype (float16/bfloat16 are computed, and returned, in float32), and reduces nothing: pass
+the result to :func:`klest.estimate` or your own mean.
+
+Bad input raises :class:`klest.KlestError` (see :func:`klest.options` to skip the value checks).
+``clamp=c`` clips L to [-c, c] first; it is never on by default, and :func:`klest.estimate`
+reports how many elements it touched.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import _numerics as nm
+from ._backend import Array, namespace
+from ._backend import log_ratio as _prepare
+from .divergences import FDivergence, get_divergence
+from .errors import KlestError
+
+__all__ = [
+    "fdiv",
+    "forward_k1",
+    "forward_k3",
+    "k1",
+    "k2",
+    "k3",
+    "k_lambda",
+    "k_opt",
+    "optimal_lambda",
+]
+
+
+def k1(
+    logq: Array = None, logp: Array = None, *, log_ratio: Array = None, clamp: Any = None
+) -> Array:
+    r"""k1 = -L = log q(x) - log p(x), the definition of KL(q‖p) sampled once.
+
+    .. math:: k_1 = -\log r
+
+    Bias: none, E_q[k1] = KL(q‖p). Variance: large when q ≈ p (about half the samples are
+    negative); for q = N(0,1), p = N(μ,1) the stdev is |μ|, i.e. 2/|μ| times the KL.
+
+    >>> import numpy as np, klest
+    >>> klest.k1(np.array([-1.0, -2.0]), np.array([-1.5, -1.0]))
+    array([ 0.5, -1. ])
+    """
+    _, L, _ = _prepare(logq, logp, log_ratio, clamp=clamp)
+    return -L
+
+
+def k2(
+    logq: Array = None, logp: Array = None, *, log_ratio: Array = None, clamp: Any = None
+) -> Array:
+    r"""k2 = ½ L², always >= 0.
+
+    .. math:: k_2 = \tfrac12 (\log r)^2
+
+    Bias: E_q[k2] is the f-divergence with f(t) = ½(log t)², equal to KL(q‖p) to second order in
+    L and larger beyond (μ²/4 relative bias for unit-variance normals shifted by μ).
+    Variance: low while q ≈ p; stdev/KL = √(2 + μ²) in the normal example.
+
+    >>> import numpy as np, klest
+    >>> klest.k2(np.array([-1.0, -2.0]), np.array([-1.5, -1.0]))
+    array([0.125, 0.5  ])
+    """
+    _, L, _ = _prepare(logq, logp, log_ratio, clamp=clamp)
+    return L * L / 2
+
+
+def k3(
+    logq: Array = None, logp: Array = None, *, log_ratio: Array = None, clamp: Any = None
+) -> Array:
+    r"""k3 = (r - 1) - L, the control-variate estimator of KL(q‖p); always >= 0.
+
+    .. math:: k_3 = (r - 1) - \log r = \operatorname{expm1}(L) - L
+
+    Bias: none (E_q[r - 1] = 0). Variance: lowest of the three when q ≈ p
+    (stdev/KL → √2 as μ → 0 in the normal example); unbounded when p has heavier tails than q.
+    Computed with ``expm1`` and a series near L = 0: a few ulp in float32 and float64.
+    +inf where log p = -inf.
+
+    >>> import numpy as np, klest
+    >>> klest.k3(np.array([0.0, 0.0]), np.array([1e-4, -1.0]))
+    array([5.00016667e-09, 3.67879441e-01])
+    """
+    xp, L, _ = _prepare(logq, logp, log_ratio, clamp=clamp)
+    return nm.expm1mx(xp, L)
+
+
+def forward_k1(
+    logq: Array = None, logp: Array = None, *, log_ratio: Array = None, clamp: Any = None
+) -> Array:
+    r"""r·L: the plain estimator of the *forward* KL(p‖q) from samples of q.
+
+    .. math:: \hat{D} = r \log r
+
+    Bias: none, E_q[r L] = E_p[L] = KL(p‖q). Variance: that of an importance-weighted k1; sign
+    either way. 0 where log p = -inf (r = 0).
+    """
+    xp, L, _ = _prepare(logq, logp, log_ratio, clamp=clamp)
+    return nm.xlogx(xp, L)
+
+
+def forward_k3(
+    logq: Array = None, logp: Array = None, *, log_ratio: Array = None, clamp: Any = None
+) -> Array:
+    r"""r·L - (r - 1): the control-variate estimator of the *forward* KL(p‖q); always >= 0.
+
+    .. math:: \hat{D} = r \log r - (r - 1)
+
+    Bias: none. Variance: grows quickly with the separation (stdev/KL = 3.548 at μ = 1 in the
+    normal example, against 1.695 for k3 on the reverse KL). 1 where log p = -inf.
+    """
+    xp, L, _ = _prepare(logq, logp, log_ratio, clamp=clamp)
+    return nm.lexpl_mexpm1(xp, L)
+
+
+def fdiv(
+    logq: Array = None,
+    logp: Array = None,
+    divergence: str | FDivergence = "reverse_kl",
+    *,
+    log_ratio: Array = None,
+    control_variate: bool = True,
+    clamp: Any = None,
+) -> Array:
+    r"""Per-sample estimator of the f-divergence D_f(p, q) = E_q[f(r)].
+
+    .. math:: \hat{D}_f = f(r) - f'(1)\,(r - 1)
+
+    (or f(r) alone with ``control_variate=False``).
+
+    Bias: none either way, since E_q[r - 1] = 0. With the tangent control variate every sample is
+    >= 0 for convex f and the variance is usually much lower. ``divergence`` is a registered name
+    (``klest.divergence_names()``), ``"alpha:<α>"``, or an :class:`FDivergence`.
+    """
+    div = get_divergence(divergence)
+    xp, L, _ = _prepare(logq, logp, log_ratio, clamp=clamp)
+    return div.corrected(xp, L) if control_variate else div.plain(xp, L)
+
+
+def k_lambda(
+    logq: Array = None,
+    logp: Array = None,
+    lam: Array | float = 1.0,
+    *,
+    log_ratio: Array = None,
+    clamp: Any = None,
+) -> Array:
+    r"""-L + λ(r - 1): unbiased for KL(q‖p) for any fixed λ (λ = 1 is k3, λ = 0 is k1).
+
+    ``lam`` broadcasts against the samples (e.g. one λ per row).
+    """
+    xp, L, _ = _prepare(logq, logp, log_ratio, clamp=clamp)
+    if not isinstance(lam, (int, float)):
+        lam = xp.astype(lam, L.dtype) if hasattr(lam, "dtype") else lam
+    return lam * xp.expm1(L) - L
+
+
+def optimal_lambda(
+    logq: Array = None,
+    logp: Array = None,
+    *,
+    log_ratio: Array = None,
+    axis: int | None = None,
+    mask: Array = None,
+    clamp: Any = None,
+) -> Array:
+    r"""λ̂ = Cov(L, r) / Var(r), the variance-minimising λ in -L + λ(r - 1), fitted on the samples.
+
+    Reduced over ``axis`` (all axes if None) among entries where ``mask`` is true; samples with
+    log p = -inf are left out (their estimate is +inf whatever λ). Where Var(r) = 0 (q = p on the
+    samples) λ̂ = 1. For q = N(0,1), p = N(μ,1) the population value is μ² / (e^{μ²} - 1).
+    """
+    xp, L, _ = _prepare(logq, logp, log_ratio, clamp=clamp)
+    return _fit_lambda(xp, L, _weights(xp, L, mask), axis, keepdims=False)
+
+
+def k_opt(
+    logq: Array = None,
+    logp: Array = None,
+    *,
+    log_ratio: Array = None,
+    axis: int | None = None,
+    mask: Array = None,
+    cross_fit: bool = False,
+    return_lambda: bool = False,
+    clamp: Any = None,
+) -> Array | tuple[Array, Any]:
+    r"""-L + λ̂(r - 1) with λ̂ fitted on the samples (the optimal control variate).
+
+    .. math::
+        \hat{k} = -L + \hat\lambda (r - 1), \quad
+        \hat\lambda = \widehat{\mathrm{Cov}}(L, r)/\widehat{\mathrm{Var}}(r)
+
+    Bias: O(1/n) when λ̂ is fitted on the same samples it is applied to. With ``cross_fit=True``
+    the samples are split by parity of their index along ``axis`` (the flattened index if None),
+    λ̂ is fitted on each half and applied to the other: exactly unbiased, at a small variance cost.
+    Variance: never more than k3's asymptotically (stdev/KL 1.293 against 1.695 at μ = 1).
+
+    ``return_lambda=True`` also returns λ̂ (``(lambda_fitted_on_even, lambda_fitted_on_odd)`` when
+    cross-fitting), reduced over ``axis``.
+    """
+    xp, L, _ = _prepare(logq, logp, log_ratio, clamp=clamp)
+    w = _weights(xp, L, mask)
+    e = xp.expm1(L)
+    if not cross_fit:
+        lam = _fit_lambda(xp, L, w, axis, keepdims=True)
+        values = lam * e - L
+        lam_out: Any = _squeeze(xp, lam, axis, L.ndim)
+    else:
+        even = _parity(xp, L, axis)
+        w_even = w * xp.astype(even, L.dtype)
+        w_odd = w - w_even
+        lam_e = _fit_lambda(xp, L, w_even, axis, keepdims=True)
+        lam_o = _fit_lambda(xp, L, w_odd, axis, keepdims=True)
+        values = xp.where(even, lam_o * e, lam_e * e) - L
+        lam_out = (_squeeze(xp, lam_e, axis, L.ndim), _squeeze(xp, lam_o, axis, L.ndim))
+    return (values, lam_out) if return_lambda else values
+
+
+# ---------------------------------------------------------------------------- helpers
+def _weights(xp: Any, L: Array, mask: Array) -> Array:
+    if mask is None:
+        return xp.ones_like(L)
+    _, m = namespace(mask=mask, L=L)
+    mask_arr = m["mask"]
+    try:
+        mask_arr = xp.broadcast_to(mask_arr, L.shape)
+    except (ValueError, RuntimeError):
+        raise KlestError(
+            f"does not broadcast to the samples' shape {tuple(L.shape)}",
+            argument="mask",
+            value=mask_arr,
+        ) from None
+    if xp.isdtype(mask_arr.dtype, "bool"):
+        return xp.astype(mask_arr, L.dtype)
+    if xp.isdtype(mask_arr.dtype, ("integral", "real floating")):
+        return xp.astype(mask_arr != 0, L.dtype)
+    raise KlestError("mask must be boolean or 0/1", argument="mask", value=mask_arr)
+
+
+def _axes(axis: int | None, ndim: int) -> tuple[int, ...] | None:
+    if axis is None:
+        return None
+    if not -ndim <= axis < ndim:
+        raise KlestError(f"axis {axis} is out of range for {ndim}-d samples", argument="axis")
+    return (axis % ndim,)
+
+
+def _fit_lambda(xp: Any, L: Array, w: Array, axis: int | None, *, keepdims: bool) -> Array:
+    axes = _axes(axis, L.ndim)
+    finite = L > -xp.inf
+    w = xp.where(finite, w, xp.zeros_like(w))
+    Lf = xp.where(finite, L, xp.zeros_like(L))
+    e = xp.expm1(Lf)
+    n = xp.sum(w, axis=axes, keepdims=True)
+    n_safe = xp.where(n > 0, n, xp.ones_like(n))
+    dL = Lf - xp.sum(w * Lf, axis=axes, keepdims=True) / n_safe
+    de = e - xp.sum(w * e, axis=axes, keepdims=True) / n_safe
+    cov = xp.sum(w * dL * de, axis=axes, keepdims=True)
+    var = xp.sum(w * de * de, axis=axes, keepdims=True)
+    lam = xp.where(var > 0, cov / xp.where(var > 0, var, xp.ones_like(var)), xp.ones_like(var))
+    return lam if keepdims else _squeeze(xp, lam, axis, L.ndim)
+
+
+def _squeeze(xp: Any, a: Array, axis: int | None, ndim: int) -> Array:
+    if axis is None:
+        return xp.reshape(a, ())
+    return xp.squeeze(a, axis=axis % ndim)
+
+
+def _parity(xp: Any, L: Array, axis: int | None) -> Array:
+    """Boolean array, True where the index (along axis, or flattened) is even."""
+    if axis is None:
+        size = 1
+        for s in L.shape:
+            size *= int(s)
+        idx = xp.reshape(xp.arange(size), L.shape) if L.ndim else xp.asarray(0)
+    else:
+        ax = axis % L.ndim
+        shape = [1] * L.ndim
+        shape[ax] = int(L.shape[ax])
+        idx = xp.broadcast_to(xp.reshape(xp.arange(int(L.shape[ax])), tuple(shape)), L.shape)
+    return (idx % 2) == 0
