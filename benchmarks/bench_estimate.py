@@ -1,9 +1,11 @@
 """klest.estimate(..., estimator="k3") on 10⁸ float32 log-ratios against one bare np.exp pass.
 
-The baseline is the irreducible work, `np.exp(L)` over the same array, timed in the same run
-(interleaved, medians of several repeats: this machine is shared and noisy). Also reported: the
-same exp writing into a preallocated buffer (no page faults: the strictest floor), klest with one
-thread, and the peak extra memory klest allocates (tracemalloc), which must not grow with n.
+The baseline is the irreducible work: one float32 `np.exp` pass over the same array, writing into
+a preallocated buffer, timed in the same run (interleaved, medians of several repeats: this
+machine is shared and noisy). `np.exp(L)` allocating its 400 MB result is printed too, but it is
+no baseline: depending on the allocator's state it costs 50 to 700 ms (first-touch page faults).
+Also reported: klest with one thread, and the peak extra memory klest allocates (tracemalloc),
+which must not grow with n.
 
 Usage: python benchmarks/bench_estimate.py [--n N] [--repeats R]
 """
@@ -60,11 +62,11 @@ def main() -> None:
                 lambda: klest.estimate(log_ratio=L, estimator="k3"), 1
             )
 
-    base = statistics.median(runs["np.exp(L)"])
+    base = statistics.median(runs["np.exp(L, out=buf)"])
     print(f"n = {args.n:,} float32 log-ratios, {args.repeats} repeats, medians")
     for name, ts in runs.items():
         med = statistics.median(ts)
-        print(f"  {name:28s} {med * 1e3:8.1f} ms   ratio to np.exp(L): {med / base:5.2f}")
+        print(f"  {name:28s} {med * 1e3:8.1f} ms   ratio to np.exp(L, out=buf): {med / base:5.2f}")
 
     tracemalloc.start()
     r = klest.estimate(log_ratio=L, estimator="k3")
@@ -73,7 +75,7 @@ def main() -> None:
     print(f"  klest peak extra memory: {peak / 2**20:.1f} MiB (input: {L.nbytes / 2**20:.0f} MiB)")
     print(f"  k3 mean {float(r.mean):.6f} ± {float(r.stderr):.6f} (true 0.125), n = {r.n:,}")
     ratio = statistics.median(runs[f"klest k3, {threads} threads"]) / base
-    print(f"RATIO klest.estimate(k3) / np.exp(L) = {ratio:.2f}")
+    print(f"RATIO klest.estimate(k3) / np.exp(L, out=buf) = {ratio:.2f} (target <= 1.5)")
 
 
 if __name__ == "__main__":

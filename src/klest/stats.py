@@ -273,8 +273,21 @@ def _has_float64(xp: Any) -> bool:
 CHUNK = 1 << 16  # elements per chunk: float64 work buffers of 512 KiB stay in cache
 BLOCK = 1 << 21  # elements per unit of parallel work (fixed, so results ignore thread count)
 _pool: ThreadPoolExecutor | None = None
-_ONES = np.ones(CHUNK)
-_ONES.flags.writeable = False
+_ROW = 8192  # BLAS dot below OpenBLAS's threading threshold: no helper threads left spinning
+
+
+def _sum_of_squares(v: np.ndarray) -> float:
+    """Σ v², by single-threaded BLAS dots over rows (our own threads do the parallel work)."""
+    rows = v.size // _ROW
+    head = rows * _ROW
+    total = 0.0
+    if rows:
+        block = v[:head].reshape(rows, _ROW)
+        total = float(np.vecdot(block, block).sum())
+    if head < v.size:
+        tail = v[head:]
+        total += float(np.einsum("i,i->", tail, tail))
+    return total
 
 
 def _executor(threads: int) -> ThreadPoolExecutor:
@@ -384,7 +397,6 @@ def _stream_block(
     size = min(CHUNK, stop - start)
     L_buf = np.empty(size)
     v_buf = np.empty(size)
-    ones = _ONES  # read-only constant shared by all threads: dot(v, 1) is the fastest sum
     count = -(-(stop - start) // CHUNK)
     ns = np.zeros(count)
     means = np.zeros(count)
@@ -420,11 +432,8 @@ def _stream_block(
             k = v.size
             if k == 0:
                 continue
-            total = float(v.sum())
-        else:
-            total = float(np.dot(v, ones[:k]))
-        mean = total / k
+        mean = float(np.einsum("i->", v)) / k
         np.subtract(v, mean, out=v)  # v is a work buffer or a fresh array: safe to overwrite
-        m2 = float(np.dot(v, v))
+        m2 = _sum_of_squares(v)
         ns[i], means[i], m2s[i] = k, mean, m2
     return ns, means, m2s, n_clamped
