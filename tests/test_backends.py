@@ -77,3 +77,13 @@ def test_estimate_agrees_with_numpy(backend, estimator):
     ref_rows = klest.estimate(LOGQ, LOGP, estimator, axis=1)
     np.testing.assert_allclose(backend.to_numpy(by_row.mean), ref_rows.mean, rtol=1e-10)
     np.testing.assert_allclose(backend.to_numpy(by_row.std), ref_rows.std, rtol=1e-10)
+
+
+def test_python_numbers_take_the_arrays_dtype(backend):
+    p = backend.asarray(LOGP.astype(np.float32))
+    got = klest.k3(-1.0, p)
+    assert isinstance(got, backend.array_type)
+    assert got.dtype == backend.float32
+    np.testing.assert_allclose(
+        backend.to_numpy(got), klest.k3(np.float32(-1.0), LOGP.astype(np.float32)), rtol=1e-6
+    )

@@ -64,6 +64,11 @@ def namespace(**named: Any) -> tuple[Any, dict[str, Array]]:
             isinstance(v, (list, tuple)) and v and all(isinstance(e, bool) for e in v)
         ):
             out[k] = xp.asarray(v)
+        elif isinstance(v, (int, float)) and arrays:
+            # a Python number takes the dtype of the arrays it meets (like array-API scalars)
+            like = next(iter(arrays.values()))
+            dtype = like.dtype if xp.isdtype(like.dtype, "real floating") else None
+            out[k] = xp.asarray(float(v), dtype=dtype)
         elif isinstance(v, (int, float, list, tuple)) or isinstance(v, np.generic):
             out[k] = xp.asarray(np.asarray(v, dtype=np.float64))
         else:
