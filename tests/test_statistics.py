@@ -35,6 +35,10 @@ STDEV_OVER_TRUE = {
         / kl(mu)
     ),
     "k_opt": lambda mu: math.sqrt(mu**2 - mu**4 / math.expm1(mu**2)) / kl(mu),
+    # r·L with L ~ N(-μ²/2, μ²): E[e^{2L} L²] = e^{μ²}(μ² + 9μ⁴/4) (a tilted normal's moment)
+    "forward_k1": lambda mu: (
+        math.sqrt(math.exp(mu**2) * (mu**2 + 9 * mu**4 / 4) - mu**4 / 4) / kl(mu)
+    ),
 }
 
 
@@ -61,7 +65,7 @@ def sample_stdev_se(values: np.ndarray) -> float:
 
 
 @pytest.mark.parametrize("mu", SHIFTS)
-@pytest.mark.parametrize("name", ["k1", "k3", "forward_k3", "k_opt"])
+@pytest.mark.parametrize("name", ["k1", "k3", "forward_k1", "forward_k3", "k_opt"])
 def test_unbiased_mean_and_stdev(name, mu):
     L = shifted_normal_log_ratio(mu)
     r = klest.estimate(log_ratio=L, estimator="k_opt_crossfit" if name == "k_opt" else name)
@@ -70,6 +74,7 @@ def test_unbiased_mean_and_stdev(name, mu):
     values = {
         "k1": klest.k1,
         "k3": klest.k3,
+        "forward_k1": klest.forward_k1,
         "forward_k3": klest.forward_k3,
         "k_opt": lambda log_ratio: klest.k_opt(log_ratio=log_ratio),
     }[name](log_ratio=L)
