@@ -1,0 +1,169 @@
+"""Input checks and preparation shared by every entry point of :mod:`klest.rl`.
+
+Shape, dtype, device and option checks are always made (they cost nothing). Value checks (NaN,
+infinities, mask values) follow ``klest.options(validate=...)`` since they read the data.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .._config import get_options
+from ..errors import KlestError
+
+__all__ = ["Bounds", "Prepared", "bounds", "check_mask", "prepare"]
+
+Bounds = tuple[float, float]
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Detached inputs in the computation dtype (float32, or float64 if any input is float64)."""
+
+    logp: torch.Tensor
+    ref_logp: torch.Tensor
+    old_logp: torch.Tensor | None
+    mask: torch.Tensor | None  # bool, same shape, or None (every token valid)
+    dtype: torch.dtype
+    ref_finite: bool = False  # True when validation saw only finite ref_logp values
+
+
+def _tensor(name: str, x: Any) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise KlestError(
+            "klest.rl works on torch tensors (the core functions take any array)",
+            argument=name,
+            value=x,
+        )
+    return x
+
+
+def _float(name: str, x: Any) -> torch.Tensor:
+    x = _tensor(name, x)
+    if not x.is_floating_point():
+        raise KlestError(
+            "log-probabilities must have a floating dtype (float16, bfloat16, float32, "
+            "float64); an integer tensor here is usually token ids passed by mistake",
+            argument=name,
+            value=x,
+        )
+    return x
+
+
+def check_mask(mask: Any, shape: torch.Size, device: torch.device) -> torch.Tensor | None:
+    """The mask as a bool tensor of exactly ``shape`` (``None`` stays ``None``)."""
+    if mask is None:
+        return None
+    mask = _tensor("mask", mask)
+    if tuple(mask.shape) != tuple(shape):
+        raise KlestError(
+            f"must have exactly the per-token shape {tuple(shape)} (no broadcasting: a "
+            "mis-shaped mask is almost always a bug)",
+            argument="mask",
+            value=mask,
+        )
+    if mask.device != device:
+        raise KlestError(f"is on {mask.device}, the log-probs on {device}", argument="mask")
+    if mask.dtype == torch.bool:
+        return mask
+    if mask.is_complex():
+        raise KlestError("must be boolean or 0/1", argument="mask", value=mask)
+    if get_options().validate:
+        bad = int(((mask != 0) & (mask != 1)).sum())
+        if bad:
+            raise KlestError(
+                f"must be boolean or 0/1 ({bad} elements are neither)", argument="mask", value=mask
+            )
+    return mask != 0
+
+
+def bounds(name: str, value: Any, *, upper_only: bool = False) -> Bounds | None:
+    """``c`` -> (-c, c) (or (-inf, c) with ``upper_only``); ``(lo, hi)`` as given; None stays."""
+    if value is None:
+        return None
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise KlestError("must be a number c or a pair (lo, hi)", argument=name)
+        lo, hi = float(value[0]), float(value[1])
+    else:
+        hi = float(value)
+        lo = -float("inf") if upper_only else -hi
+    if not lo < hi:
+        raise KlestError(f"bounds must satisfy lo < hi, got ({lo}, {hi})", argument=name)
+    return lo, hi
+
+
+def _count(cond: torch.Tensor) -> int:
+    return int(cond.sum())
+
+
+def _all_finite(x: torch.Tensor) -> bool:
+    """One reduction: a NaN or ±inf anywhere makes the float64 sum non-finite. (A finite sum can
+    only overflow for |values| ~ 1e300; the detailed checks that follow are the authority.)"""
+    return math.isfinite(float(x.sum(dtype=torch.float64)))
+
+
+def _raise_if(name: str, x: Any, cond: torch.Tensor, what: str) -> None:
+    n = _count(cond)
+    if n:
+        raise KlestError(f"{what} at {n} valid token(s)", argument=name, value=x)
+
+
+def prepare(logp: Any, ref_logp: Any, old_logp: Any = None, mask: Any = None) -> Prepared:
+    """Check the per-token inputs and return detached copies in the computation dtype."""
+    lp = _float("logp", logp)
+    ref = _float("ref_logp", ref_logp)
+    old = None if old_logp is None else _float("old_logp", old_logp)
+    if lp.ndim == 0:
+        raise KlestError("must have at least one dimension (tokens)", argument="logp", value=lp)
+    for name, x in (("ref_logp", ref), ("old_logp", old)):
+        if x is None:
+            continue
+        if tuple(x.shape) != tuple(lp.shape):
+            raise KlestError(
+                f"shape {tuple(x.shape)} differs from logp's {tuple(lp.shape)} (per-token "
+                "inputs must have the same shape; nothing is broadcast)",
+                argument=name,
+                value=x,
+            )
+        if x.device != lp.device:
+            raise KlestError(f"is on {x.device}, logp on {lp.device}", argument=name, value=x)
+    m = check_mask(mask, lp.shape, lp.device)
+    f64 = any(x is not None and x.dtype == torch.float64 for x in (lp, ref, old))
+    dtype = torch.float64 if f64 else torch.float32
+    lp_c = lp.detach().to(dtype)
+    ref_c = ref.detach().to(dtype)
+    old_c = None if old is None else old.detach().to(dtype)
+    ref_finite = False
+    if get_options().validate:
+        # one pass per tensor when everything is finite (the usual case); details otherwise
+
+        def valid(cond: torch.Tensor) -> torch.Tensor:
+            return cond if m is None else cond & m
+
+        if not _all_finite(lp_c):
+            _raise_if("logp", lp, valid(torch.isnan(lp_c)), "contains NaN")
+            _raise_if(
+                "logp",
+                lp,
+                valid(torch.isinf(lp_c)),
+                "contains ±inf (a sampled token cannot have zero or infinite probability "
+                "under the policy that is being scored)",
+            )
+        ref_finite = _all_finite(ref_c)
+        if not ref_finite:
+            _raise_if("ref_logp", ref, valid(torch.isnan(ref_c)), "contains NaN")
+            _raise_if("ref_logp", ref, valid(ref_c == float("inf")), "contains +inf")
+        if old_c is not None and not _all_finite(old_c):
+            _raise_if("old_logp", old, valid(torch.isnan(old_c)), "contains NaN")
+            _raise_if(
+                "old_logp",
+                old,
+                valid(torch.isinf(old_c)),
+                "contains ±inf (the sampling policy cannot give its own sample zero probability)",
+            )
+    return Prepared(lp_c, ref_c, old_c, m, dtype, ref_finite)

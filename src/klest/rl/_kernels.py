@@ -1,0 +1,223 @@
+r"""Per-token values v(L) and slopes dv/dL of the estimators, on detached tensors.
+
+``L = ref_logp - logp`` (log p - log q with q the policy); in RL notation ℓ = -L. Values that
+cancel near L = 0 (k3, the forward control variate) are evaluated in float64 when the computation
+dtype is float32 (so the float32 result is correct to a few ulp for |L| > 1e-8 and within 1e-24
+absolutely below), and with the core's series-backed primitives when it is float64.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import array_api_compat
+import torch
+
+from .. import _numerics as nm
+from ..divergences import FDivergence, get_divergence
+from ..errors import KlestError
+
+__all__ = [
+    "BUILTIN",
+    "k3_blocks",
+    "moments",
+    "resolve",
+    "slope",
+    "v_minus_slope",
+    "value",
+]
+
+_BLOCK = 1 << 17  # elements per float64 block in k3_blocks (1 MiB; measured fastest on CPU)
+
+# builtin estimator -> what its value estimates
+BUILTIN: dict[str, str] = {
+    "k1": "KL(π‖π_ref), unbiased",
+    "k2": "½E[ℓ²], equal to KL(π‖π_ref) to second order (biased for it)",
+    "k3": "KL(π‖π_ref), unbiased",
+    "abs": "E_π|ℓ| (not an estimate of any divergence; verl's 'abs')",
+    "forward_k1": "KL(π_ref‖π), unbiased",
+    "forward_k3": "KL(π_ref‖π), unbiased",
+}
+_BATCH_LEVEL = ("k_opt", "k_opt_crossfit")
+
+Estimator = str | FDivergence
+
+
+def resolve(estimator: Any) -> Estimator:
+    """A builtin name, or the :class:`klest.FDivergence` the name refers to."""
+    if isinstance(estimator, FDivergence):
+        return estimator
+    if not isinstance(estimator, str):
+        raise KlestError("must be a name or a klest.FDivergence", argument="estimator")
+    if estimator in BUILTIN:
+        return estimator
+    if estimator == "reverse_kl":
+        return "k3"
+    if estimator == "forward_kl":
+        return "forward_k3"
+    if estimator in _BATCH_LEVEL:
+        raise KlestError(
+            f"{estimator!r} fits a coefficient on the whole batch and has no per-token form; "
+            "use 'k3' here (or klest.k_opt on detached log-ratios for logging)",
+            argument="estimator",
+        )
+    try:
+        return get_divergence(estimator)
+    except KlestError:
+        known = ", ".join([*BUILTIN, "<any klest.divergence_names()>", "alpha:<a>"])
+        raise KlestError(
+            f"unknown estimator {estimator!r}; known: {known}", argument="estimator"
+        ) from None
+
+
+def _xp(L: torch.Tensor) -> Any:
+    return array_api_compat.array_namespace(L)
+
+
+def _finite(L: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    fin = L > -torch.inf
+    return fin, torch.where(fin, L, torch.zeros_like(L))
+
+
+def value(est: Estimator, L: torch.Tensor) -> torch.Tensor:
+    """Per-token value; float64 for the cancelling forms when ``L`` is float32."""
+    if est == "k1":
+        return -L
+    if est == "k2":
+        return L * L * 0.5
+    if est == "abs":
+        return L.abs()
+    if est == "k3":
+        if L.dtype == torch.float32:
+            v = L.double()
+            return v.expm1_().sub_(L)  # +inf at L = -inf, as it should
+        return nm.expm1mx(_xp(L), L)
+    if est == "forward_k1":
+        return nm.xlogx(_xp(L), L)
+    if est == "forward_k3":
+        if L.dtype == torch.float32:
+            fin, Lf = _finite(L.double())
+            return torch.where(fin, Lf * torch.exp(Lf) - torch.expm1(Lf), torch.ones_like(Lf))
+        return nm.lexpl_mexpm1(_xp(L), L)
+    assert isinstance(est, FDivergence)
+    return est.corrected(_xp(L), L)
+
+
+Moments = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def moments(v: torch.Tensor, mask: torch.Tensor | None) -> Moments:
+    """(n, mean, M2, n_inf) of ``v`` over the valid tokens (masked entries of v hold 0), float64.
+
+    M2 = Σ (v - mean)² by two passes in float64 (never E[v²] - E[v]²)."""
+    x = v.to(torch.float64)
+    n = torch.tensor(float(x.numel()), dtype=torch.float64, device=x.device)
+    if mask is not None:
+        n = torch.count_nonzero(mask).to(torch.float64)
+    mean = x.sum() / n.clamp(min=1.0)
+    dev = x - mean
+    if mask is not None:
+        dev = dev.mul_(mask)
+    return n, mean, dev.square_().sum(), torch.isinf(x).sum(dtype=torch.float64)
+
+
+def k3_blocks(
+    L: torch.Tensor, mask: torch.Tensor | None, want_moments: bool
+) -> tuple[torch.Tensor, Moments | None]:
+    """Σ_t k3(L_t) along the last axis (float64, shape L.shape[:-1] + (1,)), and optionally the
+    moments of k3 over the valid tokens (masked entries of L must be 0).
+
+    For float32 L this equals ``value("k3", L)`` reduced in float64, but works through cache-sized
+    float64 buffers instead of materialising the whole float64 array; the moments are merged
+    across blocks with Chan's formula.
+    """
+    if L.dtype != torch.float32 or L.ndim == 0 or L.numel() == 0:
+        v = value("k3", L).to(torch.float64)
+        return v.sum(dim=-1, keepdim=True), (moments(v, mask) if want_moments else None)
+    flat = L.reshape(-1, L.shape[-1])
+    mflat = None if mask is None else mask.reshape(flat.shape)
+    n_rows, width = flat.shape
+    f64 = torch.float64
+    out = torch.empty(n_rows, dtype=f64, device=L.device)
+    step = max(1, _BLOCK // max(1, width))
+    buf = torch.empty(min(step, n_rows), width, dtype=f64, device=L.device)
+    tmp = torch.empty_like(buf)
+    parts: list[torch.Tensor] = []
+    for start in range(0, n_rows, step):
+        stop = min(start + step, n_rows)
+        b, t = buf[: stop - start], tmp[: stop - start]
+        b.copy_(flat[start:stop])
+        torch.expm1(b, out=t)
+        t.sub_(b)  # k3 of this block, in float64
+        torch.sum(t, dim=1, out=out[start:stop])
+        if want_moments:
+            mb = None if mflat is None else mflat[start:stop]
+            n_b = (
+                torch.tensor(float(t.numel()), dtype=f64, device=L.device)
+                if mb is None
+                else torch.count_nonzero(mb).to(f64)
+            )
+            mu_b = out[start:stop].sum() / n_b.clamp(min=1.0)
+            # masked entries hold k3 = 0, so each adds exactly mu_b² to the sum of squares
+            m2_all = torch.sub(t, mu_b, out=b).square_().sum()
+            m2_b = m2_all - (t.numel() - n_b) * mu_b * mu_b
+            parts.append(torch.stack([n_b, mu_b, m2_b.clamp(min=0.0)]))
+    sums = out.reshape(*L.shape[:-1], 1)
+    if not want_moments:
+        return sums, None
+    nb, mub, m2b = torch.stack(parts).unbind(1)
+    n = nb.sum()
+    mean = (nb * mub).sum() / n.clamp(min=1.0)
+    m2 = m2b.sum() + (nb * (mub - mean) ** 2).sum()
+    if bool(torch.isfinite(mean)):  # one host check instead of a pass over every block
+        n_inf = torch.zeros((), dtype=f64, device=L.device)
+    else:
+        inf = (flat == -torch.inf) | (flat.double() > 709.78)  # where float64 k3 is +inf
+        if mflat is not None:
+            inf = inf & mflat
+        n_inf = torch.count_nonzero(inf).to(f64)
+    return sums, (n, mean, m2, n_inf)
+
+
+def v_minus_slope(est: Estimator, L: torch.Tensor) -> torch.Tensor:
+    """v(L) - v'(L): the per-token coefficient of "score + pathwise" (a differentiable weight).
+
+    Closed forms for the builtins avoid the cancellation of two terms of size e^L: k3 gives
+    exactly -L (= ℓ), forward_k3 -expm1(L), forward_k1 -e^L.
+    """
+    if est == "k1":
+        return 1 - L
+    if est == "k2":
+        return L * L * 0.5 - L
+    if est == "k3":
+        return -L
+    if est == "abs":
+        return L.abs() - torch.sign(L)
+    if est == "forward_k1":
+        return -torch.exp(L)
+    if est == "forward_k3":
+        return -torch.expm1(L)
+    return value(est, L) - slope(est, L)
+
+
+def slope(est: Estimator, L: torch.Tensor) -> torch.Tensor:
+    """dv/dL, finite wherever L > -inf; at L = -inf its limit (or ∓inf for k2)."""
+    if est == "k1":
+        return torch.full_like(L, -1.0)
+    if est == "k2":
+        return L
+    if est == "abs":
+        return torch.sign(L)
+    if est == "k3":
+        return torch.expm1(L)
+    if est in ("forward_k1", "forward_k3"):
+        fin, Lf = _finite(L)
+        t = Lf * torch.exp(Lf) if est == "forward_k3" else (1 + Lf) * torch.exp(Lf)
+        return torch.where(fin, t, torch.zeros_like(L))
+    assert isinstance(est, FDivergence)
+    with torch.enable_grad():
+        fin, Lf = _finite(L)
+        Lr = Lf.detach().requires_grad_(True)
+        v = est.corrected(_xp(Lr), Lr)
+        (d,) = torch.autograd.grad(v.sum(), Lr)
+    return torch.where(fin, d, torch.zeros_like(d))
