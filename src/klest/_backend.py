@@ -94,7 +94,7 @@ def as_float(xp: Any, name: str, a: Array) -> Array:
 
 
 def _count(xp: Any, cond: Array) -> int:
-    return int(xp.sum(xp.astype(cond, xp.int64)))
+    return int(xp.count_nonzero(cond))
 
 
 def _raise_if(xp: Any, cond: Array, name: str, value: Array, what: str) -> None:
@@ -182,12 +182,24 @@ def log_ratio(
         if get_options().validate:
             check_log_ratio_values(xp, lq, lp, None)
         L = lp - lq
-    n_clamped: int | Array = 0
-    if clamp is not None:
-        lo, hi = _clamp_bounds(clamp)
-        n_clamped = xp.sum(xp.astype((L < lo) | (L > hi), xp.int64))
-        L = xp.clip(L, lo, hi)
-    return xp, L, n_clamped
+    return (xp, *clamp_counted(xp, L, clamp))
+
+
+def clamp_counted(
+    xp: Any, L: Array, clamp: Any, keep: Array | None = None
+) -> tuple[Array, int | Array]:
+    """Clip L to the clamp's bounds; return ``(L, number of elements moved)``.
+
+    ``keep`` (boolean, broadcastable): count only where it is true (masked-out elements are not
+    counted). ``clamp=None`` changes nothing and counts 0.
+    """
+    if clamp is None:
+        return L, 0
+    lo, hi = _clamp_bounds(clamp)
+    moved = (L < lo) | (L > hi)
+    if keep is not None:
+        moved = moved & keep
+    return xp.clip(L, lo, hi), xp.count_nonzero(moved)
 
 
 def _clamp_bounds(clamp: Any) -> tuple[float, float]:

@@ -61,7 +61,7 @@ def _split(xp: Any, L: Array) -> tuple[Array, Array, Array]:
 
 
 def expm1mx(xp: Any, L: Array) -> Array:
-    """e^L - 1 - L, accurate to a few ulp for every finite L; +inf at L = ±inf.
+    """e^L - 1 - L, accurate to a few ulp for every finite L; +inf at L = -inf.
 
     This is k3 (and the per-sample reverse-KL control-variate term).
     """
@@ -80,7 +80,14 @@ def lexpl_mexpm1(xp: Any, L: Array) -> Array:
     near = _series(xp, Ls, series_coefficients("lexpl_mexpm1", _bits(xp, L)))
     finite = Lb > -xp.inf
     Lf = xp.where(finite, Lb, xp.zeros_like(Lb))  # avoid (-inf)·0 in value and gradient
-    far = xp.where(finite, Lf * xp.exp(Lf) - xp.expm1(Lf), xp.ones_like(Lb))
+    # L >= 1: e^L (L - 1) + 1, a sum of non-negative terms that overflows to +inf, never inf - inf;
+    # L <= -1: L e^L - expm1(L), both terms bounded.
+    pos = Lf > 0
+    Lp = xp.where(pos, Lf, xp.ones_like(Lf))
+    Ln = xp.where(pos, -xp.ones_like(Lf), Lf)
+    far_pos = xp.exp(Lp) * (Lp - 1) + 1
+    far_neg = Ln * xp.exp(Ln) - xp.expm1(Ln)
+    far = xp.where(finite, xp.where(pos, far_pos, far_neg), xp.ones_like(Lb))
     return xp.where(small, near, far)
 
 
@@ -89,3 +96,13 @@ def xlogx(xp: Any, L: Array) -> Array:
     finite = L > -xp.inf
     Lf = xp.where(finite, L, xp.zeros_like(L))
     return xp.where(finite, Lf * xp.exp(Lf), xp.zeros_like(L))
+
+
+def overflow_threshold(xp: Any, L: Array) -> float:
+    """A bound below log(largest finite value) of L's dtype: exp of anything under it is finite."""
+    return float(math.log(xp.finfo(L.dtype).max)) - 2.0
+
+
+def softplus(xp: Any, x: Array) -> Array:
+    """log(1 + e^x) without overflow."""
+    return xp.logaddexp(xp.zeros_like(x), x)

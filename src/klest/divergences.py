@@ -41,6 +41,7 @@ class FDivergence:
     value is computed as ``f_array(e^L) - f'(1)·expm1(L)`` with ``f_array`` (or ``f``) applied to
     the array, which is fine away from L = 0 but not accurate near it.
     ``f_array``: optional array version of f (defaults to ``f``, which must then accept arrays).
+    ``plain_form``: optional ``(xp, L) -> f(e^L)`` evaluated stably (used by ``plain``).
     """
 
     name: str
@@ -48,6 +49,7 @@ class FDivergence:
     f_prime_at_1: float
     log_form: LogForm | None = None
     f_array: Callable[[Any], Any] | None = None
+    plain_form: LogForm | None = None
     description: str = ""
     params: tuple[tuple[str, float], ...] = field(default=())
 
@@ -60,6 +62,13 @@ class FDivergence:
 
     def plain(self, xp: Any, L: Array) -> Array:
         """Per-sample f(r) without the control variate (unbiased too, usually noisier)."""
+        if self.plain_form is not None:
+            return self.plain_form(xp, L)
+        if self.f_prime_at_1 == 0:
+            return self.corrected(xp, L)
+        if self.log_form is None:
+            fa = self.f_array or self.f
+            return fa(xp.exp(L))
         return self.corrected(xp, L) + self.f_prime_at_1 * xp.expm1(L)
 
 
@@ -90,16 +99,30 @@ def _log_squared(xp: Any, L: Array) -> Array:
     return L * L / 2
 
 
+def _log_mean_with_one(xp: Any, x: Array) -> Array:
+    """log((1 + e^x)/2): log1p(expm1(x)/2) near 0 (accurate), softplus(x) - log 2 elsewhere."""
+    near = xp.abs(x) < 1
+    xn = xp.where(near, x, xp.zeros_like(x))
+    xf = xp.where(near, xp.ones_like(x), x)
+    return xp.where(near, xp.log1p(xp.expm1(xn) / 2), nm.softplus(xp, xf) - math.log(2))
+
+
 def _jensen_shannon(xp: Any, L: Array) -> Array:
     # With m = (1 + r)/2:  2 f(r) = r·[log(r/m) - (1 - m/r)] + [log(1/m) - (1 - m)]
-    #                            = r·k3(log(m/r)) + k3(log m),
-    # a sum of two non-negative terms (no cancellation near r = 1), where
-    # log m = log1p(expm1(L)/2) and log(m/r) = log1p(expm1(-L)/2).
+    #                            = r·k3(a) + k3(b),   a = log(m/r), b = log m,
+    # a sum of two non-negative terms (no cancellation near r = 1). For L < -3 the first term is
+    # rewritten r·k3(a) = (1 - r)/2 - r·a, since k3(a) ~ 1/(2r) would overflow.
     finite = L > -xp.inf
     Lf = xp.where(finite, L, xp.zeros_like(L))
-    a = xp.log1p(xp.expm1(-Lf) / 2)
-    b = xp.log1p(xp.expm1(Lf) / 2)
-    value = (xp.exp(Lf) * nm.expm1mx(xp, a) + nm.expm1mx(xp, b)) / 2
+    very_negative = Lf < -3
+    Lv = xp.where(very_negative, Lf, xp.full_like(Lf, -4.0))
+    Lo = xp.where(very_negative, xp.zeros_like(Lf), Lf)
+    first = xp.where(
+        very_negative,
+        -xp.expm1(Lv) / 2 - xp.exp(Lv) * _log_mean_with_one(xp, -Lv),
+        xp.exp(Lo) * nm.expm1mx(xp, _log_mean_with_one(xp, -Lo)),
+    )
+    value = (first + nm.expm1mx(xp, _log_mean_with_one(xp, Lf))) / 2
     return xp.where(finite, value, xp.full_like(L, math.log(2) / 2))
 
 
@@ -122,8 +145,8 @@ def alpha_divergence(alpha: float) -> FDivergence:
     if a == 1.0:
         return FDivergence(
             "alpha:1",
-            _REGISTRY["forward_kl"].f,
-            1.0,
+            lambda t: _xlogx_scalar(t) - (t - 1.0),
+            0.0,
             _forward_kl,
             description="α = 1: forward KL",
             params=(("alpha", 1.0),),
@@ -131,19 +154,33 @@ def alpha_divergence(alpha: float) -> FDivergence:
     if a == 0.0:
         return FDivergence(
             "alpha:0",
-            _REGISTRY["reverse_kl"].f,
-            -1.0,
+            lambda t: _neglog_scalar(t) + (t - 1.0),
+            0.0,
             _reverse_kl,
             description="α = 0: reverse KL",
             params=(("alpha", 0.0),),
         )
     denom = a * (a - 1.0)
     at_zero = 1.0 / a if a > 0 else math.inf
+    log_denom = math.log(abs(denom))
+    sign = 1.0 if denom > 0 else -1.0
 
     def form(xp: Any, L: Array) -> Array:
+        # |αL| and |L| below the overflow bound: (k3(αL) - α k3(L)) / (α(α - 1)), stable near 0.
+        # Beyond it: with M = max(αL, L, 0), numerator = e^M (e^{αL-M} - α e^{L-M} - (1-α) e^{-M}),
+        # every exponent <= 0, and the division folded into the exponent so that a value that
+        # fits in the dtype is not lost to an overflow of e^M.
         finite = L > -xp.inf
         Lf = xp.where(finite, L, xp.zeros_like(L))
-        value = (nm.expm1mx(xp, a * Lf) - a * nm.expm1mx(xp, Lf)) / denom
+        bound = nm.overflow_threshold(xp, L)
+        ok = (xp.abs(a * Lf) < bound) & (xp.abs(Lf) < bound)
+        Lk = xp.where(ok, Lf, xp.zeros_like(Lf))
+        k3_form = (nm.expm1mx(xp, a * Lk) - a * nm.expm1mx(xp, Lk)) / denom
+        Lb = xp.where(ok, xp.ones_like(Lf), Lf)
+        M = xp.maximum(xp.maximum(a * Lb, Lb), xp.zeros_like(Lb))
+        bracket = xp.exp(a * Lb - M) - a * xp.exp(Lb - M) - (1 - a) * xp.exp(-M)
+        big_form = xp.exp(M - log_denom) * (sign * bracket)
+        value = xp.where(ok, k3_form, big_form)
         return xp.where(finite, value, xp.full_like(L, at_zero))
 
     def f(t: float) -> float:
@@ -212,6 +249,7 @@ for _d in (
         _neglog_scalar,
         -1.0,
         _reverse_kl,
+        plain_form=lambda xp, L: -L,
         description="KL(q‖p): f(t) = -log t; the corrected estimator is k3",
     ),
     FDivergence(
@@ -219,6 +257,7 @@ for _d in (
         _xlogx_scalar,
         1.0,
         _forward_kl,
+        plain_form=nm.xlogx,
         description="KL(p‖q): f(t) = t log t; corrected: r log r - (r - 1)",
     ),
     FDivergence(

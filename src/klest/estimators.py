@@ -16,8 +16,9 @@ from __future__ import annotations
 from typing import Any
 
 from . import _numerics as nm
-from ._backend import Array, namespace
+from ._backend import Array, is_traced, namespace
 from ._backend import log_ratio as _prepare
+from ._config import get_options
 from .divergences import FDivergence, get_divergence
 from .errors import KlestError
 
@@ -158,7 +159,12 @@ def k_lambda(
     xp, L, _ = _prepare(logq, logp, log_ratio, clamp=clamp)
     if not isinstance(lam, (int, float)):
         lam = xp.astype(lam, L.dtype) if hasattr(lam, "dtype") else lam
-    return lam * xp.expm1(L) - L
+    return _k_lambda(xp, L, lam)
+
+
+def _k_lambda(xp: Any, L: Array, lam: Any) -> Array:
+    """-L + λ(r - 1) = λ·k3 + (λ - 1)·L: no cancellation near L = 0 (exactly k3 at λ = 1)."""
+    return lam * nm.expm1mx(xp, L) + (lam - 1) * L
 
 
 def optimal_lambda(
@@ -207,10 +213,9 @@ def k_opt(
     """
     xp, L, _ = _prepare(logq, logp, log_ratio, clamp=clamp)
     w = _weights(xp, L, mask)
-    e = xp.expm1(L)
     if not cross_fit:
         lam = _fit_lambda(xp, L, w, axis, keepdims=True)
-        values = lam * e - L
+        values = _k_lambda(xp, L, lam)
         lam_out: Any = _squeeze(xp, lam, axis, L.ndim)
     else:
         even = _parity(xp, L, axis)
@@ -218,7 +223,7 @@ def k_opt(
         w_odd = w - w_even
         lam_e = _fit_lambda(xp, L, w_even, axis, keepdims=True)
         lam_o = _fit_lambda(xp, L, w_odd, axis, keepdims=True)
-        values = xp.where(even, lam_o * e, lam_e * e) - L
+        values = _k_lambda(xp, L, xp.where(even, lam_o, lam_e))
         lam_out = (_squeeze(xp, lam_e, axis, L.ndim), _squeeze(xp, lam_o, axis, L.ndim))
     return (values, lam_out) if return_lambda else values
 
@@ -240,6 +245,11 @@ def _weights(xp: Any, L: Array, mask: Array) -> Array:
     if xp.isdtype(mask_arr.dtype, "bool"):
         return xp.astype(mask_arr, L.dtype)
     if xp.isdtype(mask_arr.dtype, ("integral", "real floating")):
+        if get_options().validate and not is_traced(mask_arr):
+            if int(xp.count_nonzero((mask_arr != 0) & (mask_arr != 1))):
+                raise KlestError(
+                    "must hold only 0 and 1 (or be boolean)", argument="mask", value=mask_arr
+                )
         return xp.astype(mask_arr != 0, L.dtype)
     raise KlestError("mask must be boolean or 0/1", argument="mask", value=mask_arr)
 

@@ -17,10 +17,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+import array_api_compat
 import numpy as np
 
 from . import _numerics as nm
-from ._backend import Array, as_float, check_log_ratio_values, namespace
+from ._backend import Array, as_float, check_log_ratio_values, clamp_counted, namespace
 from ._backend import log_ratio as _prepare
 from ._config import get_options
 from .divergences import FDivergence, get_divergence
@@ -133,6 +134,12 @@ def per_sample(estimator: str | FDivergence | Callable[..., Array]) -> tuple[str
             est.forward_k1: "forward_k1",
             est.forward_k3: "forward_k3",
         }
+        if estimator is est.k_opt:
+            raise KlestError(
+                "pass estimator='k_opt' (or 'k_opt_crossfit'): λ is fitted over the whole "
+                "reduction, which a per-sample callable cannot do",
+                argument="estimator",
+            )
         if estimator in by_function:
             name = by_function[estimator]
             return name, _BUILTIN[name]
@@ -186,52 +193,37 @@ def estimate(
     """
     if ddof < 0:
         raise KlestError(f"ddof must be >= 0, got {ddof}", argument="ddof")
+    if log_ratio is not None and (logq is not None or logp is not None):
+        raise KlestError("pass either (logq, logp) or log_ratio, not both", argument="log_ratio")
     name = estimator if isinstance(estimator, str) else None
-    if name in ("k_opt", "k_opt_crossfit"):
-        return _estimate_generic_opt(
-            logq, logp, log_ratio, axis, mask, clamp, ddof, cross_fit=name == "k_opt_crossfit"
-        )
-    label, fn = per_sample(estimator)
+    label, fn = per_sample(estimator) if name not in _FITTED else (name, None)
     xp, arrays = namespace(logq=logq, logp=logp, log_ratio=log_ratio)
     if (
         axis is None
-        and _is_numpy(xp)
+        and fn is not None
+        and array_api_compat.is_numpy_namespace(xp)
         and (log_ratio is not None or (logq is not None and logp is not None))
     ):
         return _estimate_numpy(arrays, label, fn, mask, clamp, ddof)
-    xp, L, n_clamped = _prepare(logq, logp, log_ratio, clamp=clamp)
-    return _reduce(xp, fn(xp, L), L, axis, mask, ddof, n_clamped)
+    from .estimators import _axes, _weights, k_opt
+
+    xp, L, _ = _prepare(logq, logp, log_ratio)
+    axes = _axes(axis, L.ndim)
+    w = _weights(xp, L, mask)
+    L, n_clamped = clamp_counted(xp, L, clamp, keep=w > 0)
+    if fn is None:  # the optimal control variate: λ fitted along the reduced axis
+        values = k_opt(log_ratio=L, axis=axis, mask=mask, cross_fit=label == "k_opt_crossfit")
+    else:
+        values = fn(xp, L)
+    return _reduce(xp, values, w, axes, ddof, n_clamped)
 
 
-def _is_numpy(xp: Any) -> bool:
-    return "numpy" in getattr(xp, "__name__", "") and "strict" not in xp.__name__
-
-
-def _estimate_generic_opt(
-    logq: Array,
-    logp: Array,
-    log_ratio: Array,
-    axis: int | None,
-    mask: Array,
-    clamp: Any,
-    ddof: int,
-    *,
-    cross_fit: bool,
-) -> Estimate:
-    from .estimators import k_opt
-
-    xp, L, n_clamped = _prepare(logq, logp, log_ratio, clamp=clamp)
-    values = k_opt(log_ratio=L, axis=axis, mask=mask, cross_fit=cross_fit)
-    return _reduce(xp, values, L, axis, mask, ddof, n_clamped)
+_FITTED = ("k_opt", "k_opt_crossfit")
 
 
 def _reduce(
-    xp: Any, values: Array, L: Array, axis: int | None, mask: Array, ddof: int, n_clamped: Any
+    xp: Any, values: Array, w: Array, axes: tuple[int, ...] | None, ddof: int, n_clamped: Any
 ) -> Estimate:
-    from .estimators import _axes, _weights
-
-    axes = _axes(axis, values.ndim)
-    w = _weights(xp, values, mask)
     acc = _accumulation_dtype(xp)
     v = xp.astype(values, acc)
     w = xp.astype(w, acc)
@@ -293,6 +285,8 @@ def _sum_of_squares(v: np.ndarray) -> float:
 def _executor(threads: int) -> ThreadPoolExecutor:
     global _pool
     if _pool is None or _pool._max_workers != threads:
+        if _pool is not None:
+            _pool.shutdown(wait=False)
         _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="klest")
     return _pool
 
@@ -329,6 +323,10 @@ def _estimate_numpy(
                 np.issubdtype(m_arr.dtype, np.integer) or np.issubdtype(m_arr.dtype, np.floating)
             ):
                 raise KlestError("mask must be boolean or 0/1", argument="mask", value=m_arr)
+            if get_options().validate and np.any((m_arr != 0) & (m_arr != 1)):
+                raise KlestError(
+                    "must hold only 0 and 1 (or be boolean)", argument="mask", value=m_arr
+                )
             m_arr = m_arr != 0
         try:
             m = np.ascontiguousarray(np.broadcast_to(m_arr, shape)).reshape(-1)
@@ -347,10 +345,15 @@ def _estimate_numpy(
     starts = range(0, size, BLOCK)
     opts = get_options()
 
-    def work(start: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    # k1/k2/k3 turn any bad input into a non-finite value (caught after the merge); other
+    # estimators, a clamp or a mask could hide one, so those chunks are summed raw first.
+    check = opts.validate and (fast is None or bounds is not None or m is not None)
+
+    def work(start: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, bool]:
         # +inf values (log p = -inf) are legitimate; they are sorted out after the merge
         with np.errstate(over="ignore", invalid="ignore"):
-            return _stream_block(flat, m, start, min(start + BLOCK, size), fast, fn, npx, bounds)
+            stop = min(start + BLOCK, size)
+            return _stream_block(flat, m, start, stop, fast, fn, npx, bounds, check)
 
     if opts.threads > 1 and len(starts) > 1:  # numpy releases the GIL inside each ufunc
         parts = list(_executor(opts.threads).map(work, starts))
@@ -366,20 +369,24 @@ def _estimate_numpy(
         n_clamped = 0
     with np.errstate(invalid="ignore"):
         mom = Moments.combine(ns, means, m2s)
-    if not (math.isfinite(mom.mean) and math.isfinite(mom.m2)) and mom.n > 0:
-        # Lazy validation: finite inputs give finite values, so look at the inputs only now.
-        if opts.validate:
-            if lr is not None:
-                check_log_ratio_values(npx, None, None, flat[0])
-            else:
-                check_log_ratio_values(npx, flat[1], flat[0], None)
-        finite_means = means[np.asarray(ns) > 0]
-        if np.any(np.isnan(finite_means)) or np.any(finite_means == -np.inf):
+    suspect = any(p[4] for p in parts)
+    if opts.validate and (suspect or not (math.isfinite(mom.mean) and math.isfinite(mom.m2))):
+        # Lazy validation: finite inputs give finite values (and the chunks whose estimator could
+        # hide an infinity were flagged), so the inputs are inspected only now.
+        if lr is not None:
+            check_log_ratio_values(npx, None, None, flat[0])
+        else:
+            check_log_ratio_values(npx, flat[1], flat[0], None)
+    if not math.isfinite(mom.mean):
+        live = means[np.asarray(ns) > 0]
+        if np.any(np.isnan(live)) or (np.any(live == np.inf) and np.any(live == -np.inf)):
             mom = Moments(mom.n, math.nan, math.nan)
-        else:  # +inf values only: log p = -inf on some sample
-            mom = Moments(mom.n, math.inf, math.inf)
-    std = math.inf if mom.mean == math.inf else mom.std(ddof)
-    stderr = math.inf if mom.mean == math.inf else mom.stderr(ddof)
+        else:  # infinite values of one sign only (log p = -inf on some sample)
+            mom = Moments(mom.n, float(live[~np.isfinite(live)][0]), math.inf)
+    elif not math.isfinite(mom.m2):  # finite mean, overflowing spread
+        mom = Moments(mom.n, mom.mean, math.inf)
+    std = mom.std(ddof) if math.isfinite(mom.m2) else math.inf
+    stderr = std / math.sqrt(mom.n) if mom.n > 0 else math.nan
     mean = mom.mean if mom.n > 0 else math.nan
     return Estimate(np.float64(mean), np.float64(std), np.float64(stderr), int(mom.n), n_clamped)
 
@@ -393,7 +400,8 @@ def _stream_block(
     fn: _PerSample,
     npx: Any,
     bounds: tuple[float, float] | None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    check: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, bool]:
     size = min(CHUNK, stop - start)
     L_buf = np.empty(size)
     v_buf = np.empty(size)
@@ -402,6 +410,7 @@ def _stream_block(
     means = np.zeros(count)
     m2s = np.zeros(count)
     n_clamped = 0
+    suspect = False
     for i, a in enumerate(range(start, stop, CHUNK)):
         b = min(a + CHUNK, stop)
         k = b - a
@@ -410,9 +419,14 @@ def _stream_block(
             np.copyto(L, flat[0][a:b])
         else:
             np.subtract(flat[0][a:b], flat[1][a:b], out=L, dtype=np.float64)
+        if check and not math.isfinite(float(np.einsum("i->", L))):
+            suspect = True  # an infinity or NaN the estimator, clamp or mask might hide
         if bounds is not None:
             lo, hi = bounds
-            n_clamped += int(np.count_nonzero(L < lo)) + int(np.count_nonzero(L > hi))
+            moved = (L < lo) | (L > hi)
+            if mask is not None:
+                moved &= mask[a:b]
+            n_clamped += int(np.count_nonzero(moved))
             np.clip(L, lo, hi, out=L)
         v = v_buf[:k]
         if fast == "k3":
@@ -436,4 +450,4 @@ def _stream_block(
         np.subtract(v, mean, out=v)  # v is a work buffer or a fresh array: safe to overwrite
         m2 = _sum_of_squares(v)
         ns[i], means[i], m2s[i] = k, mean, m2
-    return ns, means, m2s, n_clamped
+    return ns, means, m2s, n_clamped, suspect
