@@ -1,0 +1,330 @@
+"""The ``klest`` command: ``reproduce``, ``compare`` and ``sweep``. Thin: parses arguments, calls
+:mod:`klest.lab`, prints. User mistakes end in a one-line ``klest: error: ...`` (a spec error
+adds the spec with a caret under the offending character) and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+__all__ = ["main"]
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(message)
+
+
+def _count(text: str) -> int:
+    """A sample count: ``1000000``, ``1_000_000`` or ``1e6``."""
+    try:
+        v = float(text.replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(v) or v != int(v):
+        raise argparse.ArgumentTypeError(f"n must be a whole number, got {text!r}")
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"n must be positive, got {text!r}")
+    if v > 1e12:
+        raise argparse.ArgumentTypeError(f"n = {text} is more than 1e12 samples")
+    return int(v)
+
+
+def _workers(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError("workers must be >= 1")
+    return v
+
+
+def _estimators(text: str) -> list[str]:
+    from klest.lab.experiments import estimator_names_for_cli
+
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("no estimators given")
+    known = set(estimator_names_for_cli())
+    for s in names:
+        if s not in known and not s.startswith("alpha:"):
+            raise argparse.ArgumentTypeError(
+                f"unknown estimator {s!r}; known: {', '.join(sorted(known))}, alpha:<a>"
+            )
+    return names
+
+
+def _build_parser() -> _Parser:
+    from klest import __version__
+
+    parser = _Parser(
+        prog="klest",
+        description="Monte Carlo estimators of KL and f-divergences: experiments.",
+    )
+    parser.add_argument("--version", action="version", version=f"klest {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    def common(sp: argparse.ArgumentParser, n_default: int) -> None:
+        sp.add_argument(
+            "--n", type=_count, default=n_default, help=f"samples per row (default {n_default:.0e})"
+        )
+        sp.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+        sp.add_argument("--format", choices=("table", "markdown", "csv", "json"), default="table")
+        sp.add_argument("--workers", type=_workers, default=None, help="threads (default 2)")
+        sp.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    rp = sub.add_parser("reproduce", help="the seed's table: q = N(0,1), p = N(0.1,1), N(1,1)")
+    common(rp, 10_000_000)
+    rp.add_argument("--plot", metavar="FILE.png", help="also draw stdev/true per estimator")
+
+    cp = sub.add_parser("compare", help="the same table for any pair of distributions")
+    cp.add_argument("--q", required=True, metavar="SPEC", help="sampler, e.g. 'normal(0, 1)'")
+    cp.add_argument("--p", required=True, metavar="SPEC", help="target, e.g. 'student_t(3)'")
+    cp.add_argument(
+        "--estimators",
+        type=_estimators,
+        default=None,
+        help="comma-separated (default k1,k2,k3,forward_k3,k_opt); "
+        "a divergence name means its control-variate estimator",
+    )
+    common(cp, 1_000_000)
+    cp.add_argument("--plot", metavar="FILE.png")
+
+    sw = sub.add_parser("sweep", help="bias/true and stdev/true against a parameter, with a plot")
+    sw.add_argument("--q", required=True, metavar="SPEC", help="may use the swept name")
+    sw.add_argument("--p", required=True, metavar="SPEC", help="e.g. 'normal(mu, 1)'")
+    sw.add_argument(
+        "--vary",
+        required=True,
+        metavar="NAME=START:STOP:COUNT[:log]",
+        help="the swept variable and its values (or NAME=v1,v2,...)",
+    )
+    sw.add_argument("--estimators", type=_estimators, default=None)
+    common(sw, 1_000_000)
+    sw.add_argument(
+        "--out",
+        required=True,
+        metavar="FILE.json|FILE.csv",
+        help="rows, written after each point; re-running resumes",
+    )
+    sw.add_argument("--plot", metavar="FILE.png", help="figure written at the end")
+    return parser
+
+
+class _Progress:
+    """A rich progress bar on stderr, shown only on a TTY and only once a run passes 1 s."""
+
+    def __init__(self, enabled: bool, label: str) -> None:
+        self.enabled = enabled and sys.stderr.isatty()
+        self.label = label
+        self.start = time.perf_counter()
+        self.bar: Any = None
+        self.task: Any = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None:
+            if time.perf_counter() - self.start < 1.0 or done >= total:
+                return
+            from rich.console import Console
+            from rich.progress import BarColumn, Progress, TimeRemainingColumn
+
+            self.bar = Progress(
+                "[progress.description]{task.description}",
+                BarColumn(),
+                "{task.percentage:>5.1f}%",
+                TimeRemainingColumn(),
+                console=Console(stderr=True),
+                transient=True,
+            )
+            self.bar.start()
+            self.task = self.bar.add_task(self.label, total=total, completed=done)
+        self.bar.update(self.task, completed=done, total=total)
+        if done >= total:
+            self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
+
+def _print(text: str) -> None:
+    sys.stdout.write(text + ("\n" if not text.endswith("\n") else ""))
+    sys.stdout.flush()
+
+
+def _cmd_reproduce(args: argparse.Namespace) -> int:
+    from klest.lab.experiments import reproduce
+    from klest.lab.report import format_rows
+
+    prog = _Progress(not args.quiet, "reproduce")
+    try:
+        rows = reproduce(args.n, args.seed, workers=args.workers, progress=prog)
+    finally:
+        prog.close()
+    _print(format_rows(rows, args.format))
+    if args.plot:
+        from klest.lab.plots import plot_rows
+
+        plot_rows(rows, args.plot)
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from klest.lab.experiments import DEFAULT_ESTIMATORS, compare
+    from klest.lab.report import format_rows
+
+    q = _spec("--q", args.q)
+    p = _spec("--p", args.p)
+
+    prog = _Progress(not args.quiet, "compare")
+    try:
+        rows = compare(
+            q,
+            p,
+            args.estimators or list(DEFAULT_ESTIMATORS),
+            args.n,
+            args.seed,
+            workers=args.workers,
+            progress=prog,
+        )
+    finally:
+        prog.close()
+    _print(format_rows(rows, args.format))
+    if args.plot:
+        from klest.lab.plots import plot_rows
+
+        plot_rows(rows, args.plot)
+    return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from klest.lab.experiments import DEFAULT_ESTIMATORS, sweep, sweep_values
+    from klest.lab.report import format_rows
+
+    name, values, log = sweep_values(args.vary)
+
+    def on_point(i: int, n_points: int, rows: list[dict[str, Any]]) -> None:
+        if not args.quiet:
+            sys.stderr.write(
+                f"point {i + 1}/{n_points}: {name} = {values[i]:g} saved to {args.out}\n"
+            )
+
+    prog = _Progress(not args.quiet, "sweep point")
+    try:
+        rows = sweep(
+            _template("--q", args.q, name, values[0]),
+            _template("--p", args.p, name, values[0]),
+            name,
+            values,
+            args.estimators or list(DEFAULT_ESTIMATORS),
+            args.n,
+            args.seed,
+            out=args.out,
+            workers=args.workers,
+            on_point=on_point,
+            progress=prog,
+        )
+    except KeyboardInterrupt:
+        prog.close()
+        _error(f"interrupted; finished points are in {args.out}: run the same command to resume")
+        return EXIT_INTERRUPTED
+    finally:
+        prog.close()
+    _print(format_rows(rows, args.format))
+    if args.plot:
+        from klest.lab.plots import plot_sweep
+
+        plot_sweep(rows, args.plot, log_x=log)
+    return 0
+
+
+class _SpecFailure(Exception):
+    def __init__(self, option: str, err: Exception) -> None:
+        self.option = option
+        self.err = err
+
+
+def _spec(option: str, text: str) -> Any:
+    from klest.lab.specs import parse
+
+    try:
+        return parse(text)
+    except Exception as e:
+        raise _SpecFailure(option, e) from None
+
+
+def _template(option: str, text: str, name: str, value: float) -> str:
+    from klest.lab.specs import parse
+
+    try:
+        parse(text, variables={name: value})
+    except Exception as e:
+        raise _SpecFailure(option, e) from None
+    return text
+
+
+def _error(message: str) -> None:
+    sys.stderr.write(f"klest: error: {message}\n")
+    sys.stderr.flush()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``klest`` console script; returns the exit status."""
+    from klest import KlestError
+
+    parser = _build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return EXIT_USAGE
+        handler = {
+            "reproduce": _cmd_reproduce,
+            "compare": _cmd_compare,
+            "sweep": _cmd_sweep,
+        }[args.command]
+        return handler(args)
+    except _UsageError as e:
+        _error(f"{e} (see klest --help)")
+        return EXIT_USAGE
+    except _SpecFailure as e:
+        from klest.lab.specs import SpecError
+
+        if isinstance(e.err, SpecError):
+            _error(f"{e.option}: {e.err.reason} (column {e.err.position + 1})")
+            lines = str(e.err).split("\n")[1:]
+            sys.stderr.write("\n".join(lines) + "\n")
+        else:
+            _error(f"{e.option}: {str(e.err).splitlines()[0]}")
+        return EXIT_USAGE
+    except KlestError as e:
+        _error(str(e).splitlines()[0].replace("`", ""))
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        return 0
+    except OSError as e:
+        _error(f"{e.strerror or e}: {e.filename}" if e.filename else str(e))
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

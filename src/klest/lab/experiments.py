@@ -1,0 +1,474 @@
+r"""The experiments: :func:`reproduce` (the seed's table), :func:`compare` (any pair) and
+:func:`sweep` (a parameter grid, written point by point and resumable).
+
+Every experiment returns rows, one per (p, estimator), as plain dicts with the stable keys of
+:data:`ROW_KEYS`; ``report.py`` turns them into tables, Markdown, CSV or JSON.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import klest
+from klest import KlestError
+
+from . import distributions as D
+from .engine import EstimatorResult, run_many
+from .truth import Truth, estimator_target, exact_moments, truth
+
+__all__ = [
+    "REPRODUCE_ESTIMATORS",
+    "REPRODUCE_SHIFTS",
+    "ROW_KEYS",
+    "compare",
+    "normal_shift_expected",
+    "read_rows",
+    "reproduce",
+    "sweep",
+    "sweep_values",
+]
+
+REPRODUCE_SHIFTS = (0.1, 1.0)
+REPRODUCE_ESTIMATORS = ("k1", "k2", "k3", "forward_k3", "k_opt")
+DEFAULT_ESTIMATORS = REPRODUCE_ESTIMATORS
+
+#: Keys of every row, in order (``compare`` and ``sweep`` add nothing else except a sweep's
+#: ``param``/``value``/``q_template``/``p_template``).
+ROW_KEYS = (
+    "q",
+    "p",
+    "estimator",
+    "target",
+    "true_value",
+    "truth_source",
+    "truth_stderr",
+    "mean",
+    "bias_over_true",
+    "stdev_over_true",
+    "expected_bias_over_true",
+    "expected_stdev_over_true",
+    "stderr_bias_over_true",
+    "stdev_reliable",
+    "variance_finite",
+    "max_share",
+    "lambda",
+    "n",
+    "seed",
+)
+
+
+# ------------------------------------------------------- closed forms for a Gaussian shift
+def normal_shift_expected(mu: float, estimator: str) -> tuple[float, float]:
+    """(bias/true, stdev/true) of ``estimator`` for q = N(0, 1), p = N(μ, 1), in closed form.
+
+    There L = μx - μ²/2 ~ N(-μ²/2, μ²): k1 has stdev/true 2/μ, k2 has bias/true μ²/4 and
+    stdev/true √(2 + μ²), k3 has stdev/true √(e^{μ²} - 1 - μ²)/(μ²/2), and the forward-KL
+    control variate √(e^{μ²}(1 - 2μ² + 9μ⁴/4) - (1 - μ² + μ⁴/4))/(μ²/2).
+
+    The true value is μ²/2 for both KL directions. ``k_opt`` is at λ* = μ²/(e^{μ²} - 1), its
+    large-n limit: stdev/true = √(μ² - μ⁴/(e^{μ²} - 1)) / (μ²/2).
+
+    >>> [round(v, 5) for v in normal_shift_expected(1.0, "k3")]
+    [0.0, 1.69503]
+    """
+    m2 = mu * mu
+    true = m2 / 2
+    em = math.expm1(m2)
+    if estimator == "k1":
+        return 0.0, 2.0 / abs(mu)
+    if estimator == "k2":
+        return m2 / 4, math.sqrt(2 + m2)
+    if estimator == "k3":
+        return 0.0, math.sqrt(em - m2) / true
+    if estimator == "forward_k3":
+        var = math.exp(m2) * (1 - 2 * m2 + 9 * m2 * m2 / 4) - (1 - m2 + m2 * m2 / 4)
+        return 0.0, math.sqrt(var) / true
+    if estimator in ("k_opt", "k_opt_crossfit"):
+        return 0.0, math.sqrt(m2 - m2 * m2 / em) / true
+    raise KlestError(f"no closed form for {estimator!r}", argument="estimator")
+
+
+# --------------------------------------------------------------------------------- rows
+def _row(
+    q: D.Distribution,
+    p: D.Distribution,
+    name: str,
+    res: EstimatorResult,
+    t: Truth,
+    expected: tuple[float, float] | None,
+    variance_finite: bool | None,
+    seed: int,
+) -> dict[str, Any]:
+    true = t.value
+    std = res.std
+    reliable = bool(res.reliable) and variance_finite is not False
+    return {
+        "q": q.spec,
+        "p": p.spec,
+        "estimator": name,
+        "target": estimator_target(name),
+        "true_value": true,
+        "truth_source": t.source,
+        "truth_stderr": t.stderr if t.approximate else None,
+        "mean": res.mean,
+        "bias_over_true": (res.mean - true) / true,
+        "stdev_over_true": std / abs(true),
+        "expected_bias_over_true": None if expected is None else expected[0],
+        "expected_stdev_over_true": None if expected is None else expected[1],
+        "stderr_bias_over_true": std / abs(true) / math.sqrt(res.n),
+        "stdev_reliable": reliable,
+        "variance_finite": variance_finite,
+        "max_share": res.max_share,
+        "lambda": res.lam,
+        "n": res.n,
+        "seed": seed,
+    }
+
+
+def _checked_truth(q: D.Distribution, p: D.Distribution, target: str, seed: int) -> Truth:
+    t = truth(q, p, target, seed=seed + 1)
+    if math.isinf(t.value):
+        why = (
+            "support mismatch: p is zero where q has mass"
+            if t.source == "support mismatch"
+            else f"{t.source}: the integral diverges, p's tails are too heavy for q"
+        )
+        raise KlestError(
+            f"the true {target} of p = {p.spec} from q = {q.spec} is +inf ({why}); "
+            "bias/true is undefined",
+            argument="p",
+        )
+    if t.value == 0:
+        raise KlestError(
+            f"the true {target} is 0 (p = q): bias/true and stdev/true are undefined",
+            argument="p",
+        )
+    if not math.isfinite(t.value):
+        raise KlestError(f"the true {target} could not be computed", argument="p")
+    return t
+
+
+def _rows_for(
+    q: D.Distribution,
+    targets: Sequence[D.Distribution],
+    estimators: Sequence[str],
+    n: int,
+    seed: int,
+    workers: int | None,
+    progress: Callable[[int, int], None] | None,
+    expected: Callable[[D.Distribution, str], tuple[tuple[float, float] | None, bool | None]],
+) -> list[dict[str, Any]]:
+    truths = {
+        (j, tgt): _checked_truth(q, p, tgt, seed)
+        for j, p in enumerate(targets)
+        for tgt in dict.fromkeys(estimator_target(e) for e in estimators)
+    }
+    results = run_many(q, targets, estimators, n, seed, workers=workers, progress=progress)
+    rows = []
+    for j, p in enumerate(targets):
+        for name in estimators:
+            t = truths[(j, estimator_target(name))]
+            exp, finite = expected(p, name)
+            rows.append(_row(q, p, name, results[j][name], t, exp, finite, seed))
+    return rows
+
+
+def _expected_generic(
+    q: D.Distribution, p: D.Distribution, name: str, t: Truth
+) -> tuple[tuple[float, float] | None, bool | None]:
+    if t.approximate:
+        return None, None
+    try:
+        mom = exact_moments(q, p, name)
+    except (KlestError, ValueError, ArithmeticError):
+        return None, None
+    if mom is None:
+        return None, None
+    _, var = mom
+    # Every estimator here but k2 is unbiased by construction (E_q[r - 1] = 0); k2's mean is the
+    # log-squared divergence. Both come from the truths, not from the integral of the mean.
+    if name == "k2":
+        bias = truth(q, p, "log_squared").value / t.value - 1.0
+    else:
+        bias = 0.0
+    return (bias, math.sqrt(var) / abs(t.value)), math.isfinite(var)
+
+
+# ---------------------------------------------------------------------------- reproduce
+def reproduce(
+    n: int = 10_000_000,
+    seed: int = 0,
+    *,
+    shifts: Sequence[float] = REPRODUCE_SHIFTS,
+    estimators: Sequence[str] = REPRODUCE_ESTIMATORS,
+    workers: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[dict[str, Any]]:
+    """The seed's experiment: q = N(0, 1), p = N(μ, 1) for each shift μ, n samples.
+
+    One set of n draws from q serves every shift. Expected columns come from the closed forms of
+    :func:`normal_shift_expected`, the truth (μ²/2) from the closed-form registry.
+    """
+    q = D.Normal(0.0, 1.0)
+    targets = [D.Normal(float(mu), 1.0) for mu in shifts]
+
+    def expected(p: D.Distribution, name: str) -> tuple[tuple[float, float] | None, bool | None]:
+        assert isinstance(p, D.Normal)
+        try:
+            return normal_shift_expected(p.loc, name), True
+        except KlestError:
+            return _expected_generic(q, p, name, truth(q, p, estimator_target(name)))
+
+    return _rows_for(q, targets, list(estimators), n, seed, workers, progress, expected)
+
+
+# ------------------------------------------------------------------------------ compare
+def compare(
+    q: Any,
+    p: Any,
+    estimators: Sequence[str] = DEFAULT_ESTIMATORS,
+    n: int = 1_000_000,
+    seed: int = 0,
+    *,
+    workers: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[dict[str, Any]]:
+    """The same table for any pair: q and p are specs, lab distributions, frozen SciPy
+    distributions or torch.distributions objects.
+
+    Expected columns come from exact sums (discrete q) or quadrature (univariate continuous q),
+    and are ``None`` elsewhere; ``variance_finite`` is False where the per-sample variance is
+    infinite.
+    """
+    qd = D.as_distribution(q)
+    pd = D.as_distribution(p)
+
+    def expected(pp: D.Distribution, name: str) -> tuple[tuple[float, float] | None, bool | None]:
+        return _expected_generic(qd, pp, name, truth(qd, pp, estimator_target(name), seed=seed + 1))
+
+    return _rows_for(qd, [pd], list(estimators), n, seed, workers, progress, expected)
+
+
+# -------------------------------------------------------------------------------- sweep
+def sweep_values(text: str) -> tuple[str, list[float], bool]:
+    """Parse ``NAME=START:STOP:COUNT[:log]`` or ``NAME=v1,v2,...`` into (name, values, log).
+
+    >>> sweep_values("mu=0.5:2:4")
+    ('mu', [0.5, 1.0, 1.5, 2.0], False)
+    """
+    if "=" not in text:
+        raise KlestError("expected NAME=START:STOP:COUNT[:log] or NAME=v1,v2,...", argument="vary")
+    name, _, rest = text.partition("=")
+    name = name.strip()
+    if not name.isidentifier() or not name.isascii():
+        raise KlestError(f"{name!r} is not a valid variable name", argument="vary")
+    try:
+        if ":" in rest:
+            parts = rest.split(":")
+            log = len(parts) == 4 and parts[3].strip() == "log"
+            if len(parts) not in (3, 4) or (len(parts) == 4 and not log):
+                raise ValueError
+            start, stop, count = float(parts[0]), float(parts[1]), int(parts[2])
+            if count < 1 or count > 10_000:
+                raise KlestError("COUNT must be between 1 and 10000", argument="vary")
+            if log:
+                if start <= 0 or stop <= 0:
+                    raise KlestError("a log grid needs positive START and STOP", argument="vary")
+                vals = np.geomspace(start, stop, count)
+            else:
+                vals = np.linspace(start, stop, count)
+            return name, [float(v) for v in vals], log
+        values = [float(v) for v in rest.split(",") if v.strip()]
+        if not values:
+            raise ValueError
+        return name, values, False
+    except ValueError:
+        raise KlestError(
+            f"cannot read {rest!r}; expected START:STOP:COUNT[:log] or v1,v2,...", argument="vary"
+        ) from None
+
+
+def _point_seed(seed: int, index: int) -> int:
+    return int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def sweep(
+    q: str,
+    p: str,
+    param: str,
+    values: Sequence[float],
+    estimators: Sequence[str] = DEFAULT_ESTIMATORS,
+    n: int = 1_000_000,
+    seed: int = 0,
+    *,
+    out: str | os.PathLike[str] | None = None,
+    workers: int | None = None,
+    on_point: Callable[[int, int, list[dict[str, Any]]], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Run :func:`compare` at every value of ``param`` (a name used in the q and/or p spec).
+
+    With ``out`` (``.json`` or ``.csv``) each finished point is appended to the file atomically
+    (written to a temporary file, then renamed over it), so an interrupted sweep leaves a valid
+    file; running the same sweep again keeps the finished points and computes only the rest.
+    A file holding a different sweep (other specs, n, seed or estimators) is an error.
+    Point i uses its own seed derived from (seed, i), so resumed and uninterrupted sweeps agree.
+    """
+    from .specs import parse
+
+    estimators = list(estimators)
+    if not values:
+        raise KlestError("no values to sweep", argument="values")
+    if param not in q and param not in p:
+        raise KlestError(f"neither spec mentions the swept variable {param!r}", argument="param")
+    # parse both at the first value now, so that a bad spec fails before any work
+    for v in values:
+        parse(q, variables={param: v})
+        parse(p, variables={param: v})
+    for e in estimators:
+        estimator_target(e)
+    config: dict[str, Any] = {
+        "q_template": q,
+        "p_template": p,
+        "param": param,
+        "n": n,
+        "sweep_seed": seed,
+    }
+    rows: list[dict[str, Any]] = []
+    path = Path(out) if out is not None else None
+    if path is not None and path.exists():
+        rows = read_rows(path)
+        for r in rows:
+            for k, want in config.items():
+                if r.get(k) != want:
+                    raise KlestError(
+                        f"{path} holds a different sweep ({k} = {r.get(k)!r}, not {want!r}); "
+                        "choose another output file or delete it",
+                        argument="out",
+                    )
+    done = {(float(r["value"]), r["estimator"]) for r in rows}
+    for i, v in enumerate(values):
+        if all((float(v), e) in done for e in estimators):
+            continue
+        point = [
+            {**config, "value": float(v), **r}
+            for r in compare(
+                parse(q, variables={param: v}),
+                parse(p, variables={param: v}),
+                estimators,
+                n,
+                _point_seed(seed, i),
+                workers=workers,
+                progress=progress,
+            )
+        ]
+        rows = [r for r in rows if float(r["value"]) != float(v)] + point
+        if path is not None:
+            write_rows_atomic(path, rows)
+        if on_point is not None:
+            on_point(i, len(values), point)
+    order = {float(v): i for i, v in enumerate(values)}
+    rows.sort(key=lambda r: (order.get(float(r["value"]), math.inf), r["estimator"]))
+    return rows
+
+
+SWEEP_KEYS = ("q_template", "p_template", "param", "sweep_seed", "value", *ROW_KEYS)
+
+
+# ------------------------------------------------------------------------ file helpers
+def _json_safe(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, (np.floating,)):
+        return _json_safe(float(v))
+    if isinstance(v, (np.integer,)):
+        return int(v)
+    return v
+
+
+def rows_to_json(rows: Sequence[dict[str, Any]]) -> str:
+    """A JSON list; non-finite numbers become null."""
+    return json.dumps([{k: _json_safe(v) for k, v in r.items()} for r in rows], indent=2)
+
+
+def rows_to_csv(rows: Sequence[dict[str, Any]]) -> str:
+    """CSV with a header; floats written with repr (exact round trip), None as empty."""
+    if not rows:
+        return ""
+    keys = list(rows[0].keys())
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(keys)
+    for r in rows:
+        w.writerow(
+            [
+                "" if r.get(k) is None else repr(r[k]) if isinstance(r[k], float) else r[k]
+                for k in keys
+            ]
+        )
+    return buf.getvalue()
+
+
+def write_rows_atomic(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    """Write rows (format from the suffix) to a temporary file beside ``path``, then rename."""
+    text = rows_to_csv(rows) if path.suffix.lower() == ".csv" else rows_to_json(rows) + "\n"
+    fd, tmp = tempfile.mkstemp(dir=path.parent or ".", prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _parse_cell(s: str) -> Any:
+    if s == "":
+        return None
+    if s in ("True", "False"):
+        return s == "True"
+    try:
+        return int(s)
+    except ValueError:
+        pass
+    try:
+        return float(s)
+    except ValueError:
+        return s
+
+
+def read_rows(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Read rows written by :func:`write_rows_atomic` (JSON or CSV)."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        return []
+    try:
+        if path.suffix.lower() == ".csv":
+            reader = csv.DictReader(io.StringIO(text))
+            return [{k: _parse_cell(v) for k, v in r.items()} for r in reader]
+        data = json.loads(text)
+    except (ValueError, csv.Error) as e:
+        raise KlestError(f"{path} is not a sweep file ({e})", argument="out") from None
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise KlestError(f"{path} is not a sweep file (expected a JSON list)", argument="out")
+    return data
+
+
+def estimator_names_for_cli() -> list[str]:
+    """Estimators the lab can stream (every core name but the cross-fitted k_opt)."""
+    return [e for e in klest.estimator_names() if e != "k_opt_crossfit"]

@@ -1,0 +1,143 @@
+"""Rows to text: an aligned plain table, Markdown, CSV or JSON (the JSON keys are stable)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from .experiments import rows_to_csv, rows_to_json
+
+__all__ = ["FORMATS", "format_rows"]
+
+FORMATS = ("table", "markdown", "csv", "json")
+
+_TARGET_LABEL = {"reverse_kl": "KL(q‖p)", "forward_kl": "KL(p‖q)"}
+
+
+def _num(v: Any, digits: int = 4) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        if math.isnan(v):
+            return "nan"
+        if v == 0:
+            return "0"
+        if abs(v) >= 1e6 or abs(v) < 1e-4:
+            return f"{v:.{digits - 1}e}"
+        return f"{v:.{digits}g}"
+    return str(v)
+
+
+def _cells(r: dict[str, Any]) -> list[str]:
+    reliable = r.get("stdev_reliable", True)
+    stdev = _num(r["stdev_over_true"]) if reliable else "unreliable*"
+    se = _num(r["stderr_bias_over_true"], 2) if reliable else "unreliable*"
+    true = _num(r["true_value"], 5)
+    if r.get("truth_stderr") is not None:
+        true += f" ±{_num(r['truth_stderr'], 2)}"
+    return [
+        r["p"],
+        r["estimator"],
+        _TARGET_LABEL.get(r["target"], r["target"]),
+        true,
+        _num(r["bias_over_true"]),
+        _num(r["expected_bias_over_true"]),
+        se,
+        stdev,
+        _num(r["expected_stdev_over_true"]),
+    ]
+
+
+_HEADER = [
+    "p",
+    "estimator",
+    "estimates",
+    "true value",
+    "bias/true",
+    "exact",
+    "± SE",
+    "stdev/true",
+    "exact",
+]
+
+
+def _notes(rows: Sequence[dict[str, Any]]) -> list[str]:
+    notes = []
+    sources = sorted({f"{r['target']} of {r['p']}: {r['truth_source']}" for r in rows})
+    if len(sources) <= 4:
+        notes.append("true values: " + "; ".join(sources))
+    else:
+        notes.append("true values from: " + ", ".join(sorted({r["truth_source"] for r in rows})))
+    bad = [r for r in rows if not r.get("stdev_reliable", True)]
+    if bad:
+        notes.append(
+            "* stdev unreliable: the per-sample variance may be infinite, the printed stdev would "
+            "not settle as n grows:"
+        )
+        for r in bad:
+            why = []
+            if r.get("variance_finite") is False:
+                why.append("exact second moment is infinite")
+            why.append(f"one sample carries {100 * r['max_share']:.0f}% of the sum of squares")
+            notes.append(
+                f"  {r['estimator']} vs {r['p']}: {'; '.join(why)} "
+                f"(sample stdev/true {_num(r['stdev_over_true'])})"
+            )
+    if rows:
+        n = rows[0]["n"]
+        seed = (
+            f"sweep seed {rows[0]['sweep_seed']} (one derived seed per point)"
+            if "sweep_seed" in rows[0]
+            else f"seed {rows[0]['seed']}"
+        )
+        notes.append(
+            f"q = {rows[0]['q']}, n = {n:,} samples, {seed}; ± SE is the Monte "
+            "Carlo standard error of bias/true; 'exact' columns: closed form, exact sum or "
+            "quadrature ('-' where unavailable)"
+        )
+    return notes
+
+
+def _table(rows: Sequence[dict[str, Any]]) -> str:
+    body = [_cells(r) for r in rows]
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(_HEADER)]
+    right = set(range(3, len(_HEADER)))
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(
+            c.rjust(w) if i in right else c.ljust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ).rstrip()
+
+    out = [line(_HEADER), "  ".join("-" * w for w in widths)]
+    prev = None
+    for r, b in zip(rows, body, strict=True):
+        if prev is not None and r["p"] != prev:
+            out.append("")
+        prev = r["p"]
+        out.append(line(b))
+    return "\n".join([*out, "", *_notes(rows)])
+
+
+def _markdown(rows: Sequence[dict[str, Any]]) -> str:
+    out = [
+        "| " + " | ".join(_HEADER) + " |",
+        "|" + "|".join("---" if i < 3 else "---:" for i in range(len(_HEADER))) + "|",
+    ]
+    for r in rows:
+        out.append("| " + " | ".join(c.replace("|", "\\|") for c in _cells(r)) + " |")
+    return "\n".join([*out, "", *_notes(rows)])
+
+
+def format_rows(rows: Sequence[dict[str, Any]], fmt: str = "table") -> str:
+    """Render rows as ``table`` (aligned text), ``markdown``, ``csv`` or ``json``."""
+    if fmt == "json":
+        return rows_to_json(rows)
+    if fmt == "csv":
+        return rows_to_csv(rows).rstrip("\n")
+    if fmt == "markdown":
+        return _markdown(rows)
+    return _table(rows)

@@ -1,0 +1,255 @@
+"""The command line, run as a user runs it (``python -m klest`` in a subprocess): output formats,
+one-line errors without tracebacks, and a sweep killed midway that resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+
+def klest(
+    *args: str, cwd: Path | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "klest", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+    )
+
+
+def test_reproduce_json_and_determinism() -> None:
+    a = klest("reproduce", "--n", "1e5", "--format", "json")
+    assert a.returncode == 0, a.stderr
+    rows = json.loads(a.stdout)
+    assert len(rows) == 10
+    for key in (
+        "p",
+        "estimator",
+        "true_value",
+        "bias_over_true",
+        "stdev_over_true",
+        "expected_bias_over_true",
+        "expected_stdev_over_true",
+        "stderr_bias_over_true",
+        "n",
+    ):
+        assert all(key in r for r in rows)
+    assert rows[0]["p"] == "normal(0.1, 1)" and rows[0]["n"] == 100_000
+    b = klest("reproduce", "--n", "100000", "--format", "json")
+    assert a.stdout == b.stdout
+
+
+def test_reproduce_table_markdown_csv_and_plot(tmp_path: Path) -> None:
+    t = klest("reproduce", "--n", "1e5", "--plot", str(tmp_path / "r.png"))
+    assert t.returncode == 0 and "stdev/true" in t.stdout and "k_opt" in t.stdout
+    assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+    m = klest("reproduce", "--n", "1e5", "--format", "markdown")
+    assert m.stdout.startswith("| p |")
+    c = klest("reproduce", "--n", "1e5", "--format", "csv")
+    assert c.stdout.splitlines()[0].startswith("q,p,estimator,target,true_value")
+
+
+def test_compare_heavy_tail() -> None:
+    r = klest(
+        "compare",
+        "--q",
+        "normal(0, 1)",
+        "--p",
+        "student_t(3)",
+        "--n",
+        "1e5",
+        "--estimators",
+        "k1,k3",
+    )
+    assert r.returncode == 0, r.stderr
+    assert "unreliable" in r.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (
+            ["compare", "--q", "normal(0,1)", "--p", "normal(1,1)", "--estimators", "k9"],
+            "unknown estimator 'k9'",
+        ),
+        (["reproduce", "--n", "0"], "n must be positive"),
+        (["reproduce", "--n", "-5"], "n must be positive"),
+        (["reproduce", "--n", "abc"], "not a number"),
+        (["reproduce", "--n", "1.5"], "whole number"),
+        (["compare", "--q", "normal(0,1)", "--p", "norml(1,1)"], "unknown distribution 'norml'"),
+        (["compare", "--q", "normal(0,1", "--p", "normal(1,1)"], "unbalanced '('"),
+        (["compare", "--q", "normal(0,1)", "--p", "exponential(1)"], "+inf"),
+        (
+            [
+                "compare",
+                "--q",
+                "normal(0,1)",
+                "--p",
+                "normal(1,1)",
+                "--estimators",
+                "chi2",
+                "--n",
+                "10",
+            ],
+            "--",
+        ),
+        (
+            [
+                "sweep",
+                "--q",
+                "normal(0,1)",
+                "--p",
+                "normal(mu,1)",
+                "--vary",
+                "mu=1:2",
+                "--out",
+                "x.json",
+            ],
+            "START:STOP:COUNT",
+        ),
+        (
+            [
+                "sweep",
+                "--q",
+                "normal(0,1)",
+                "--p",
+                "normal(nu,1)",
+                "--vary",
+                "mu=1,2",
+                "--out",
+                "x.json",
+            ],
+            "unknown name 'nu'",
+        ),
+        (["reproduce", "--format", "yaml"], "invalid choice"),
+        (["frobnicate"], "invalid choice"),
+        (["compare", "--q", "normal(0,1)"], "required"),
+    ],
+)
+def test_user_mistakes_are_one_line_errors(args: list[str], words: str, tmp_path: Path) -> None:
+    r = klest(*args, cwd=tmp_path)
+    if words == "--":  # a valid command: it must succeed
+        assert r.returncode == 0, r.stderr
+        return
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr
+    first = r.stderr.splitlines()[0]
+    assert first.startswith("klest: error: ") and words in first, r.stderr
+    extra = r.stderr.splitlines()[1:]
+    # only a spec error adds lines: the spec and a caret under the offending character
+    assert not extra or (len(extra) == 2 and extra[1].strip() == "^"), r.stderr
+
+
+SWEEP = [
+    "sweep",
+    "--q",
+    "normal(0, 1)",
+    "--p",
+    "normal(mu, 1)",
+    "--vary",
+    "mu=0.2:2:8",
+    "--estimators",
+    "k1,k2,k3",
+    "--n",
+    "4e6",
+    "--quiet",
+    "--format",
+    "json",
+]
+
+
+def _wait_for_rows(
+    path: Path, proc: subprocess.Popen[str], minimum: int, timeout: float = 60
+) -> list[dict[str, object]]:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if path.exists():
+            rows = json.loads(path.read_text())  # always valid JSON: writes are atomic
+            if len(rows) >= minimum:
+                return rows
+        assert proc.poll() is None, "sweep finished before it could be interrupted"
+        time.sleep(0.05)
+    raise AssertionError("no point written in time")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_sweep_killed_midway_resumes(tmp_path: Path, sig: signal.Signals) -> None:
+    out = tmp_path / "sweep.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "klest", *SWEEP, "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+    )
+    try:
+        _wait_for_rows(out, proc, 3)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err
+    saved = json.loads(out.read_text())  # the file is valid after the interruption
+    assert 3 <= len(saved) < 24 and len(saved) % 3 == 0
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")] or sig == signal.SIGKILL
+    r = klest(*SWEEP, "--out", str(out), "--plot", str(tmp_path / "s.png"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    final = json.loads(out.read_text())
+    assert len(final) == 24
+    assert final[: len(saved)] == saved  # finished points were kept, not recomputed
+    assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+    # an uninterrupted run gives the same rows (each point has its own seed)
+    fresh = tmp_path / "fresh.json"
+    assert klest(*SWEEP, "--out", str(fresh), cwd=tmp_path).returncode == 0
+    key = lambda r: (r["value"], r["estimator"])  # noqa: E731
+    assert sorted(final, key=key) == sorted(json.loads(fresh.read_text()), key=key)
+
+
+def test_imports_stay_light() -> None:
+    code = (
+        "import sys, klest.lab, klest.cli, klest.lab.engine, klest.lab.experiments; "
+        "heavy = ('torch', 'jax', 'scipy', 'matplotlib', 'rich'); "
+        "print(sorted(m for m in heavy if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_no_command_prints_help() -> None:
+    r = klest()
+    assert r.returncode == 2 and "reproduce" in r.stdout
+
+
+def test_progress_bar_only_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    from klest.cli import _Progress
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    fake = Tty()
+    monkeypatch.setattr(sys, "stderr", fake)
+    bar = _Progress(True, "test")
+    bar.start -= 5.0  # pretend the run has lasted 5 s
+    bar(10, 100)
+    assert bar.bar is not None
+    bar(100, 100)
+    assert bar.bar is None  # stopped at the end
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # not a TTY: never shown
+    quiet = _Progress(True, "test")
+    quiet.start -= 5.0
+    quiet(10, 100)
+    assert quiet.bar is None

@@ -1,0 +1,173 @@
+"""The streaming engine: equal to the core's reductions on the same draws, identical across worker
+counts, the k_opt moments, and the heavy-tail flag.
+
+Statistical policy: as in tests/conftest.py, fixed seeds and 4-standard-error tolerances from the
+closed-form stdevs of the Gaussian shift.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import klest
+from klest.lab import distributions as D
+from klest.lab.engine import _Evaluator, log_ratio_sampler, run, run_many
+
+N_SIGMA = 4.0
+
+
+def _same_draws(q: D.Distribution, p: D.Distribution, n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(0, 0)))
+    return log_ratio_sampler(q, [p])(rng, n)[0]
+
+
+@pytest.mark.parametrize(
+    ("qs", "ps"),
+    [
+        ("normal(0, 1)", "normal(1, 1)"),
+        ("normal(0.2, 1.3)", "normal(-0.5, 1)"),
+        ("gamma(2, 1)", "exponential(0.8)"),
+    ],
+)
+def test_matches_core_estimate_on_the_same_draws(qs: str, ps: str) -> None:
+    q, p = D.as_distribution(qs), D.as_distribution(ps)
+    n = 50_000
+    names = [
+        "k1",
+        "k2",
+        "k3",
+        "forward_k1",
+        "forward_k3",
+        "k_opt",
+        "chi2",
+        "jensen_shannon",
+        "alpha:0.5",
+    ]
+    # one block: the engine's draws are exactly the first n of block 0's stream
+    res = run(q, p, names, n=n, seed=7, block=1 << 16, chunk=1 << 14)
+    L = _same_draws(q, p, n, 7)
+    for name in names:
+        ref = klest.estimate(log_ratio=L, estimator=name)
+        assert res[name].mean == pytest.approx(float(ref.mean), rel=1e-10, abs=1e-14), name
+        assert res[name].std == pytest.approx(float(ref.std), rel=1e-8), name
+    lam = klest.optimal_lambda(log_ratio=L)
+    assert res["k_opt"].lam == pytest.approx(float(lam), rel=1e-8)
+
+
+def test_fast_values_equal_core_functions() -> None:
+    L = np.concatenate(
+        [np.linspace(-30, 30, 2001), np.geomspace(1e-12, 1, 200), -np.geomspace(1e-12, 1, 200)]
+    )
+    ev = _Evaluator(["k1", "k2", "k3", "forward_k3"])
+    vals = ev(L.copy())
+    np.testing.assert_allclose(-vals["L"], klest.k1(log_ratio=L), rtol=0, atol=0)
+    np.testing.assert_allclose(0.5 * vals["L2"], klest.k2(log_ratio=L), rtol=1e-15)
+    # absolute error ≈ 2^-52·|L| near 0 (see engine's notes), relative 1e-15 elsewhere
+    tol = 4 * 2.0**-52 * (np.abs(L) + np.abs(klest.k3(log_ratio=L)))
+    assert np.all(np.abs(vals["k3"] - klest.k3(log_ratio=L)) <= tol)
+    fk3 = klest.forward_k3(log_ratio=L)
+    tol = 8 * 2.0**-52 * (np.abs(L) * np.exp(L) + np.abs(fk3) + np.abs(L))
+    assert np.all(np.abs(vals["forward_k3"] - fk3) <= tol)
+
+
+def test_log_p_minus_infinity_gives_infinite_means() -> None:
+    # p = 0 on half of q's samples: KL(q‖p) = +inf, r·log r - (r - 1) has the finite limit 1
+    res = run("normal(0, 1)", "exponential(1)", ["k1", "k2", "k3", "forward_k3"], n=20_000, seed=1)
+    assert res["k1"].mean == res["k2"].mean == res["k3"].mean == math.inf
+    assert math.isfinite(res["forward_k3"].mean)
+    L = _same_draws(D.Normal(0, 1), D.Exponential(1), 20_000, 1)
+    assert res["forward_k3"].mean == pytest.approx(
+        float(klest.estimate(log_ratio=L, estimator="forward_k3").mean)
+    )
+
+
+def test_identical_whatever_the_number_of_workers() -> None:
+    kw = dict(n=3 * (1 << 16) + 123, seed=11, block=1 << 16, chunk=1 << 13)
+    names = ["k1", "k2", "k3", "forward_k3", "k_opt", "squared_hellinger"]
+    one = run("normal(0, 1)", "normal(0.5, 1.2)", names, workers=1, **kw)  # type: ignore[arg-type]
+    two = run("normal(0, 1)", "normal(0.5, 1.2)", names, workers=2, **kw)  # type: ignore[arg-type]
+    three = run("normal(0, 1)", "normal(0.5, 1.2)", names, workers=3, **kw)  # type: ignore[arg-type]
+    for name in names:
+        assert one[name] == two[name] == three[name]
+    again = run("normal(0, 1)", "normal(0.5, 1.2)", names, workers=2, **kw)  # type: ignore[arg-type]
+    assert again == two
+
+
+def test_run_many_equals_separate_runs() -> None:
+    ps = ["normal(0.1, 1)", "normal(1, 1)"]
+    both = run_many("normal(0, 1)", ps, ["k1", "k3"], n=100_000, seed=3)
+    for p, res in zip(ps, both, strict=True):
+        assert res == run("normal(0, 1)", p, ["k1", "k3"], n=100_000, seed=3)
+
+
+@pytest.mark.parametrize("mu", [0.1, 1.0])
+def test_normal_shift_within_four_standard_errors(mu: float) -> None:
+    from klest.lab.experiments import normal_shift_expected
+
+    n = 400_000
+    res = run(
+        "normal(0, 1)", f"normal({mu}, 1)", ["k1", "k2", "k3", "forward_k3", "k_opt"], n=n, seed=5
+    )
+    true = mu * mu / 2
+    for name, r in res.items():
+        bias, sd = normal_shift_expected(mu, name)
+        se = sd / math.sqrt(n)
+        assert abs((r.mean - true) / true - bias) < N_SIGMA * se, name
+        assert r.reliable, name
+
+
+def test_light_tails_are_not_flagged() -> None:
+    names = ["k1", "k2", "k3", "forward_k3", "k_opt"]
+    for mu in (0.01, 0.3, 1.0):
+        res = run("normal(0, 1)", f"normal({mu}, 1)", names, n=300_000, seed=2)
+        assert all(r.reliable for r in res.values()), (mu, {k: r.max_share for k, r in res.items()})
+
+
+def test_heavy_tail_is_flagged() -> None:
+    res = run("normal(0, 1)", "student_t(3)", ["k1", "k3", "forward_k3"], n=200_000, seed=0)
+    assert res["k1"].reliable  # E_q[L²] is finite
+    assert not res["k3"].reliable  # E_q[r²] = inf
+    assert not res["forward_k3"].reliable
+    assert res["k3"].max_share > 0.1
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(klest.KlestError, match="positive"):
+        run("normal(0, 1)", "normal(1, 1)", ["k1"], n=0)
+    with pytest.raises(klest.KlestError, match="unknown estimator"):
+        run("normal(0, 1)", "normal(1, 1)", ["k9"], n=10)
+    with pytest.raises(klest.KlestError, match="dimension"):
+        run("normal(0, 1)", "mvnormal([0, 0])", ["k1"], n=10)
+
+
+def test_memory_does_not_grow_with_n() -> None:
+    import tracemalloc
+
+    def peak(n: int) -> int:
+        tracemalloc.start()
+        run("normal(0, 1)", "normal(1, 1)", ["k1", "k2", "k3", "k_opt"], n=n, seed=0)
+        _, top = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        return top
+
+    small, large = peak(1 << 21), peak(1 << 24)  # 2 and 16 blocks
+    assert large < 1.3 * small + (1 << 20), (small, large)
+    assert large < 64 << 20  # a few chunk buffers per worker, far below the 128 MiB of 16M floats
+
+
+def test_progress_is_reported_in_order() -> None:
+    seen: list[tuple[int, int]] = []
+    run(
+        "normal(0, 1)",
+        "normal(1, 1)",
+        ["k1"],
+        n=3 * (1 << 16) + 5,
+        seed=0,
+        block=1 << 16,
+        chunk=1 << 14,
+        progress=lambda done, total: seen.append((done, total)),
+    )
+    assert seen == [(1 << 16, 196613), (2 << 16, 196613), (3 << 16, 196613), (196613, 196613)]
