@@ -204,8 +204,9 @@ def k_opt(
         \hat\lambda = \widehat{\mathrm{Cov}}(L, r)/\widehat{\mathrm{Var}}(r)
 
     Bias: O(1/n) when λ̂ is fitted on the same samples it is applied to, and not small for small
-    batches (about -17 % at n = 20 for q = N(0,1), p = N(1,1), where r is heavy-tailed). With ``cross_fit=True``
-    the samples are split by parity of their index along ``axis`` (the flattened index if None),
+    batches (about -17 % at n = 20 for q = N(0,1), p = N(1,1), where r is heavy-tailed). With
+    ``cross_fit=True`` the samples are split by parity of their index along ``axis`` (the
+    flattened index if None),
     λ̂ is fitted on each half and applied to the other: exactly unbiased, at a small variance cost.
     Variance: never more than k3's asymptotically (stdev/KL 1.293 against 1.695 at μ = 1).
 
