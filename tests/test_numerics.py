@@ -150,3 +150,22 @@ def test_clamp_is_explicit_and_counted():
     r = klest.estimate(log_ratio=L, estimator="k3", clamp=(-4.0, 10.0))
     assert r.n_clamped == 3
     assert klest.estimate(log_ratio=L, estimator="k3").n_clamped == 0
+
+
+@pytest.mark.parametrize("scale", [0.3, 5.0])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_numpy_chunked_kernels_match_the_generic_code(scale, dtype):
+    """NumPy takes a chunked float64 kernel; array_api_strict runs the generic code. Same values,
+    across chunk boundaries, with mostly-near-0 or mostly-far chunks and -inf entries."""
+    xs = pytest.importorskip("array_api_strict")
+    L = (scale * np.random.default_rng(9).standard_normal(3 * 2**14 + 5)).astype(dtype)
+    L[[0, 7, 2**14]] = -np.inf
+    L[[1, 2**14 + 1]] = 0.0
+    for fn in (klest.k3, klest.forward_k3):
+        got = fn(log_ratio=L)
+        strict = np.asarray(fn(log_ratio=xs.asarray(L)))
+        assert got.dtype == dtype
+        np.testing.assert_array_equal(np.isinf(got), np.isinf(strict))
+        finite = np.isfinite(strict)
+        tol = 4 * np.finfo(dtype).eps
+        np.testing.assert_allclose(got[finite], strict[finite], rtol=tol, atol=0)

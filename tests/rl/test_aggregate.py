@@ -107,10 +107,10 @@ def test_fused_loss_equals_per_token_then_aggregate(mode, gradient, estimator):
     mask[3] = False
     kw = dict(estimator=estimator, gradient=gradient, clamp=1.5, value_clamp=2.0)
     lp = logp0.clone().requires_grad_(True)
-    fused = rl.kl_loss(lp, ref, old, mask, aggregation=mode, **kw).loss
+    fused = rl.kl_loss(lp, ref, old_logp=old, mask=mask, aggregation=mode, **kw).loss
     (g1,) = torch.autograd.grad(fused, lp)
     lp = logp0.clone().requires_grad_(True)
-    eager = rl.aggregate(rl.kl_per_token(lp, ref, old, mask, **kw), mask, mode)
+    eager = rl.aggregate(rl.kl_per_token(lp, ref, old_logp=old, mask=mask, **kw), mask, mode)
     (g2,) = torch.autograd.grad(eager, lp)
     torch.testing.assert_close(fused, eager, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(g1, g2, rtol=1e-12, atol=1e-14)
@@ -155,13 +155,13 @@ def test_reward_to_go():
         torch.tensor([[6.0, 5.0, 3.0, 0.0], [0.0, 14.0, 0.0, 8.0]], dtype=F64),
     )
     gamma = 0.5
-    got = rl.reward_to_go(x, None, gamma)
+    got = rl.reward_to_go(x, None, gamma=gamma)
     want = torch.stack(
         [sum(gamma ** (s - t) * x[:, s] for s in range(t, 4)) for t in range(4)], dim=1
     )
     torch.testing.assert_close(got, want)
     with pytest.raises(KlestError):
-        rl.reward_to_go(x, None, 1.5)
+        rl.reward_to_go(x, None, gamma=1.5)
 
 
 def test_aggregation_errors():

@@ -147,7 +147,7 @@ def test_differentiable_weight_follows_the_gradient_of_what_the_value_estimates(
     _close(on, truth)
     off = c.expected_grad(
         lambda lq, lp, lo: rl.kl_per_token(
-            lq, lp, lo, estimator=estimator, gradient="as_written", weight="differentiable"
+            lq, lp, old_logp=lo, estimator=estimator, gradient="as_written", weight="differentiable"
         ),
         sampler="old",
     )
@@ -163,13 +163,18 @@ def test_detached_weight_off_policy_keeps_each_option_meaning(seed):
     c = Categorical(seed)
     for gradient, truth in (("reverse_kl", c.reverse()), ("forward_kl", c.forward())):
         for est in ("k1", "k3"):
-            got = c.expected_grad(
-                lambda lq, lp, lo: rl.kl_per_token(lq, lp, lo, estimator=est, gradient=gradient),
-                sampler="old",
-            )
-            _close(got, truth)
+            for weight in ("detached", "gradient_only"):  # the gradient is the same for both
+                got = c.expected_grad(
+                    lambda lq, lp, lo: rl.kl_per_token(
+                        lq, lp, old_logp=lo, estimator=est, gradient=gradient, weight=weight
+                    ),
+                    sampler="old",
+                )
+                _close(got, truth)
     got = c.expected_grad(
-        lambda lq, lp, lo: rl.kl_per_token(lq, lp, lo, estimator="k3", gradient="as_written"),
+        lambda lq, lp, lo: rl.kl_per_token(
+            lq, lp, old_logp=lo, estimator="k3", gradient="as_written"
+        ),
         sampler="old",
     )
     _close(got, c.forward())
@@ -177,8 +182,15 @@ def test_detached_weight_off_policy_keeps_each_option_meaning(seed):
     with torch.no_grad():
         lq = torch.log_softmax(c.theta, 0)
         kl = (lq.exp() * (lq - c.logp_ref)).sum()
-        vals = rl.kl_per_token(lq[None], c.logp_ref[None], c.logq_old[None], estimator="k3")
+        vals = rl.kl_per_token(
+            lq[None], c.logp_ref[None], old_logp=c.logq_old[None], estimator="k3"
+        )
         assert abs(float((c.logq_old.exp() * vals[0]).sum() - kl)) < TOL
+        # weight="gradient_only" reports the unweighted k3 (not unbiased under the sampler)
+        plain = rl.kl_per_token(
+            lq[None], c.logp_ref[None], old_logp=c.logq_old[None], weight="gradient_only"
+        )
+        _close(plain, rl.kl_per_token(lq[None], c.logp_ref[None]))
 
 
 def test_weight_clamp_is_a_bias_and_is_counted():
@@ -190,7 +202,7 @@ def test_weight_clamp_is_a_bias_and_is_counted():
     assert 0 < int(clipped.sum()) < K
     got = c.expected_grad(
         lambda lq_, lp, lo: rl.kl_per_token(
-            lq_, lp, lo, estimator="k1", gradient="reverse_kl", weight_clamp=cap
+            lq_, lp, old_logp=lo, estimator="k1", gradient="reverse_kl", weight_clamp=cap
         ),
         sampler="old",
     )
@@ -200,7 +212,7 @@ def test_weight_clamp_is_a_bias_and_is_counted():
     truth = c.grad_of(lambda lq_, lp: (coef * lq_).sum())
     _close(got, truth)
     assert (got - c.reverse()).abs().max() > 1e-4
-    out = rl.kl_loss(lq[None], c.logp_ref[None], c.logq_old[None], weight_clamp=cap)
+    out = rl.kl_loss(lq[None], c.logp_ref[None], old_logp=c.logq_old[None], weight_clamp=cap)
     assert out.diagnostics is not None
     assert float(out.diagnostics.frac_weight_clamped) == pytest.approx(int(clipped.sum()) / K)
     ess = float(w.sum() ** 2 / (w * w).sum())
@@ -348,9 +360,9 @@ def test_options_that_share_the_per_sample_reverse_kl_gradient(seed):
     k1w = rl.kl_per_token(lq, ref, estimator="k1", gradient="as_written", weight="differentiable")
     _close(per_sample(k1w), base + 1)
     off_diff = rl.kl_per_token(
-        lq, ref, old, estimator="k3", gradient="as_written", weight="differentiable"
+        lq, ref, old_logp=old, estimator="k3", gradient="as_written", weight="differentiable"
     )
-    off_det = rl.kl_per_token(lq, ref, old, estimator="k3", gradient="reverse_kl")
+    off_det = rl.kl_per_token(lq, ref, old_logp=old, estimator="k3", gradient="reverse_kl")
     _close(per_sample(off_diff), per_sample(off_det))
 
 
@@ -381,7 +393,7 @@ def test_each_preset_follows_what_its_docstring_says(seed):
             if old and not p.uses_old_logp:
                 continue
             got = c.expected_grad(
-                lambda lq, lp, lo: p(lq, lp, lo if old else None), sampler=sampler
+                lambda lq, lp, lo: p(lq, lp, old_logp=lo if old else None), sampler=sampler
             )
             assert torch.allclose(got, truths[key], rtol=0, atol=TOL), name
             checked += 1

@@ -169,13 +169,13 @@ def test_option_errors():
     with pytest.raises(KlestError, match="weight"):
         rl.kl_loss(logp, ref, weight="yes")
     with pytest.raises(KlestError, match="as_written"):
-        rl.kl_loss(logp, ref, logp, weight="differentiable", gradient="reverse_kl")
+        rl.kl_loss(logp, ref, old_logp=logp, weight="differentiable", gradient="reverse_kl")
     with pytest.raises(KlestError, match="old_logp"):
-        rl.kl_loss(logp, ref, logp, gradient="sequence_reverse_kl")
+        rl.kl_loss(logp, ref, old_logp=logp, gradient="sequence_reverse_kl")
     with pytest.raises(KlestError, match="contain 0"):
         rl.kl_loss(logp, ref, clamp=(0.5, 2.0))
     with pytest.raises(KlestError, match="contain 1"):
-        rl.kl_loss(logp, ref, logp, weight_clamp=0.5)
+        rl.kl_loss(logp, ref, old_logp=logp, weight_clamp=0.5)
     with pytest.raises(KlestError, match="lo < hi"):
         rl.kl_loss(logp, ref, value_clamp=(1.0, -1.0))
 
@@ -245,7 +245,7 @@ def test_score_plus_pathwise_has_no_cancellation():
     old = logp0 + torch.tensor([[0.1, -0.2, 0.3]], dtype=torch.float64)
     lp = logp0.clone().requires_grad_(True)
     out = rl.kl_per_token(
-        lp, ref, old, estimator="k3", gradient="as_written", weight="differentiable"
+        lp, ref, old_logp=old, estimator="k3", gradient="as_written", weight="differentiable"
     )
     (g,) = torch.autograd.grad(out.sum(), lp)
     want = (logp0 - ref) * torch.exp(logp0 - old)
@@ -254,3 +254,72 @@ def test_score_plus_pathwise_has_no_cancellation():
     eager = (torch.expm1(ref - lp) - (ref - lp)) * torch.exp(lp - old)
     (g_eager,) = torch.autograd.grad(eager.sum(), lp)
     assert abs(float(g_eager[0, 0] - want[0, 0])) > 1.0  # the eager formula's cancellation
+
+
+def test_everything_after_ref_logp_is_keyword_only():
+    """A float 0/1 mask passed third must not be taken for old_logp (or vice versa)."""
+    from klest.rl import presets
+
+    logp, ref = _pair()
+    mask = torch.ones_like(logp)
+    calls = {
+        "kl_loss": rl.kl_loss,
+        "kl_per_token": rl.kl_per_token,
+        "kl_penalty": rl.kl_penalty,
+        "preset": presets.get("openrlhf:k3:unbiased_gradient"),
+        "preset.loss": presets.get("verl:low_var_kl").loss,
+    }
+    for f in calls.values():
+        with pytest.raises(TypeError, match="positional"):
+            f(logp, ref, mask)
+        with pytest.raises(TypeError, match="positional"):
+            f(logp, ref, None, mask)
+        f(logp, ref, mask=mask)  # the keyword form works
+    with pytest.raises(TypeError, match="positional"):
+        rl.reward_to_go(logp, mask, 0.9)
+    rl.reward_to_go(logp, mask, gamma=0.9)
+
+
+def test_std_of_a_few_large_values_under_heavy_masking():
+    """k3 ~ e^20 with a spread of 1e-4 in L, 1 % of the tokens kept: the centred sum of squares
+    must come from the valid tokens only (subtracting the masked tokens' share afterwards cancels
+    every digit of it)."""
+    g = torch.Generator().manual_seed(9)
+    B, T = 64, 4096  # several float64 blocks
+    logp = -30.0 + torch.rand(B, T, generator=g)
+    ref = logp + 20.0 + 1e-4 * torch.randn(B, T, generator=g)
+    mask = torch.rand(B, T, generator=g) < 0.01
+    d = rl.kl_loss(logp, ref, mask=mask).diagnostics
+    assert d is not None
+    L = (ref - logp).numpy().astype(np.float64)[mask.numpy()]  # the float32 L klest computes
+    k3 = np.expm1(L) - L
+    assert float(d.n_tokens) == k3.size
+    assert float(d.mean) == pytest.approx(float(k3.mean()), rel=1e-12)
+    # two-pass float64 gives ~1e-14 here; subtracting the masked share was off by 1e-7 to 2e-6
+    assert float(d.std) == pytest.approx(float(k3.std(ddof=1)), rel=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_forward_control_variate_overflows_to_inf_not_nan(dtype):
+    """r log r - (r - 1) with r = e^L: +inf once e^L overflows (never inf - inf = NaN), and exact
+    below that, on both sides of the switch between its two forms (L = 1)."""
+    Ls = [1e-3, 0.5, 1.0, 1.0 + 1e-6, 1.5, 30.0, 80.0, 100.0, 700.0, 800.0, 1e30]
+    L = torch.tensor([Ls], dtype=dtype)
+    logp = torch.full_like(L, -1.0)
+    ref = logp + L
+    lp = logp.clone().requires_grad_(True)
+    v = rl.kl_per_token(lp, ref, estimator="forward_k3", gradient="as_written")
+    assert not torch.isnan(v).any()
+    L64 = (ref - logp).double()  # the L that klest sees
+    truth = L64 * torch.exp(L64) - torch.expm1(L64)  # no cancellation at these L
+    truth = torch.nan_to_num(truth, nan=math.inf)  # inf - inf: L·e^L dominates, +inf
+    want = truth.to(dtype)  # float32 overflows from L ~ 84 on
+    big = torch.isinf(want)
+    assert big.sum() >= 2 and (v[big] == math.inf).all()
+    torch.testing.assert_close(v[~big], want[~big], rtol=1e-6, atol=0)
+    (g,) = torch.autograd.grad(v.sum(), lp)
+    assert not torch.isnan(g).any()
+    with klest.options(validate=False):  # the fused loss and its diagnostics too
+        out = rl.kl_loss(logp, ref, estimator="forward_k3")
+    assert out.loss.item() == math.inf
+    assert out.diagnostics is not None and not math.isnan(out.diagnostics.std.item())

@@ -65,9 +65,12 @@ def openrlhf(kind):
 
 
 def openrlhf_unbiased(kind):
+    """peers.md: "value of kN, gradient of k2 times a detached, clamped (10) weight π/π_old"."""
+
     def f(logp, ref, old):
         w = torch.ones_like(logp) if old is None else torch.exp(logp - old).clamp(max=10)
-        return w.detach() * _straight_through(openrlhf(kind)(logp, ref, old), logp, ref)
+        k2 = _k2(logp, ref)
+        return openrlhf(kind)(logp, ref, old).detach() + w.detach() * (k2 - k2.detach())
 
     return f
 
@@ -148,7 +151,7 @@ def test_preset_matches_the_framework_formula(name, with_old):
     m = mask.to(logp0.dtype)
 
     lp = logp0.clone().requires_grad_(True)
-    ours = preset(lp, ref, old, mask)
+    ours = preset(lp, ref, old_logp=old, mask=mask)
     (g_ours,) = torch.autograd.grad((ours * up).sum(), lp)
 
     lp = logp0.clone().requires_grad_(True)
@@ -173,7 +176,7 @@ def test_preset_matches_the_framework_formula(name, with_old):
 def test_preset_loss_matches_aggregated_formula(name, mode):
     logp0, ref, old, mask, _ = _inputs(2)
     lp = logp0.clone().requires_grad_(True)
-    out = presets.get(name).loss(lp, ref, old, mask, aggregation=mode)
+    out = presets.get(name).loss(lp, ref, old_logp=old, mask=mask, aggregation=mode)
     (g_ours,) = torch.autograd.grad(out.loss, lp)
     lp = logp0.clone().requires_grad_(True)
     theirs = rl.aggregate(REFERENCE[name](lp, ref, old), mask, mode)
@@ -193,11 +196,14 @@ def test_clamps_bind_and_are_counted():
     k3 = torch.expm1(L.clamp(-20, 20)) - L.clamp(-20, 20)
     assert float(d.frac_value_clamped) == pytest.approx(float((k3 > 10).sum()) / n)
     assert float(d.frac_value_clamped) > 0 and float(d.frac_clamped) > 0
-    out = presets.get("openrlhf:k3:unbiased_gradient").loss(logp, ref, old, mask)
+    out = presets.get("openrlhf:k3:unbiased_gradient").loss(logp, ref, old_logp=old, mask=mask)
     assert out.diagnostics is not None
     w = (logp - old).exp()[mask]
     assert float(out.diagnostics.frac_weight_clamped) == pytest.approx(float((w > 10).sum()) / n)
     assert float(out.diagnostics.frac_weight_clamped) > 0
+    # the value it reports is k3 itself, not weighted by π/π_old (peers.md: "value of kN")
+    k3 = openrlhf("k3")(logp, ref, old)[mask]
+    assert float(out.diagnostics.mean) == pytest.approx(float(k3.mean()), rel=1e-12)
 
 
 def test_unknown_preset_and_verl_full():

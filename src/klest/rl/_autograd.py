@@ -1,9 +1,10 @@
 r"""The fused per-token KL term: one pass computes the value and the gradient coefficient.
 
 For a policy log-prob ``logp`` the output (per token, or already reduced with the aggregation
-weights s_b m_t) has value ``w·v(L)`` and derivative ``g = s_b m_t · w · c`` with respect to
-``logp``, where c is the chosen gradient coefficient (see :mod:`klest.rl.penalty`). Only g is saved
-for backward: one tensor of the computation dtype, whatever the estimator, clamps and weights.
+weights s_b m_t) has value ``w·v(L)`` (``v(L)`` with ``weight="gradient_only"``) and derivative
+``g = s_b m_t · w · c`` with respect to ``logp``, where c is the chosen gradient coefficient (see
+:mod:`klest.rl.penalty`). Only g is saved for backward: one tensor of the computation dtype,
+whatever the estimator, clamps and weights.
 """
 
 from __future__ import annotations
@@ -17,16 +18,17 @@ from ._inputs import Bounds, Prepared
 from ._kernels import Estimator, Moments, k3_blocks, moments, slope, v_minus_slope, value
 from .aggregate import reward_to_go
 
-__all__ = ["GRADIENTS", "Spec", "apply", "compute"]
+__all__ = ["GRADIENTS", "WEIGHTS", "Spec", "apply", "compute"]
 
 GRADIENTS = ("reverse_kl", "forward_kl", "as_written", "sequence_reverse_kl", "none")
+WEIGHTS = ("detached", "differentiable", "gradient_only")
 
 
 @dataclass(frozen=True)
 class Spec:
     estimator: Estimator
     gradient: str
-    weight: str  # "detached" | "differentiable"
+    weight: str  # "detached" | "differentiable" | "gradient_only" (w scales g, not the value)
     weight_clamp: Bounds | None = None
     clamp: Bounds | None = None
     value_clamp: Bounds | None = None
@@ -111,7 +113,7 @@ def compute(
                 wclipped = (w < lo) | (w > hi)
                 w = w.clamp(lo, hi)
 
-        vw = v if w is None else w * v
+        vw = v if w is None or spec.weight == "gradient_only" else w * v
         if stats is not None:
             if mom is None:
                 mom = moments(vw, m)

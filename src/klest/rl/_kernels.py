@@ -79,6 +79,15 @@ def _finite(L: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return fin, torch.where(fin, L, torch.zeros_like(L))
 
 
+def _forward_cv(L: torch.Tensor) -> torch.Tensor:
+    """L·e^L - expm1(L) for finite L: that form for L <= 1 (accurate near 0, where the two terms
+    cancel), e^L·(L - 1) + 1 above (no cancellation there, and +inf, not inf - inf, once e^L
+    overflows)."""
+    big = L > 1
+    e = torch.exp(L)
+    return torch.where(big, e * (L - 1) + 1, L * e - torch.expm1(torch.where(big, 0, L)))
+
+
 def value(est: Estimator, L: torch.Tensor) -> torch.Tensor:
     """Per-token value; float64 for the cancelling forms when ``L`` is float32."""
     if est == "k1":
@@ -97,7 +106,7 @@ def value(est: Estimator, L: torch.Tensor) -> torch.Tensor:
     if est == "forward_k3":
         if L.dtype == torch.float32:
             fin, Lf = _finite(L.double())
-            return torch.where(fin, Lf * torch.exp(Lf) - torch.expm1(Lf), torch.ones_like(Lf))
+            return torch.where(fin, _forward_cv(Lf), torch.ones_like(Lf))
         return nm.lexpl_mexpm1(_xp(L), L)
     assert isinstance(est, FDivergence)
     return est.corrected(_xp(L), L)
@@ -158,10 +167,15 @@ def k3_blocks(
                 else torch.count_nonzero(mb).to(f64)
             )
             mu_b = out[start:stop].sum() / n_b.clamp(min=1.0)
-            # masked entries hold k3 = 0, so each adds exactly mu_b² to the sum of squares
-            m2_all = torch.sub(t, mu_b, out=b).square_().sum()
-            m2_b = m2_all - (t.numel() - n_b) * mu_b * mu_b
-            parts.append(torch.stack([n_b, mu_b, m2_b.clamp(min=0.0)]))
+            # centred sum of squares over the valid tokens only: masked deviations are zeroed
+            # (a bool multiply: faster than torch.where on CPU; -mu_b · 0 is NaN only when mu_b
+            # is infinite, and std is then +inf anyway), never subtracted afterwards, which
+            # cancels when few tokens are valid and |mu_b| is large
+            dev = torch.sub(t, mu_b, out=b)
+            if mb is not None:
+                dev.mul_(mb)
+            m2_b = dev.square_().sum()
+            parts.append(torch.stack([n_b, mu_b, m2_b]))
     sums = out.reshape(*L.shape[:-1], 1)
     if not want_moments:
         return sums, None

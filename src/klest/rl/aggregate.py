@@ -171,7 +171,7 @@ def aggregate(
     return (x.sum(dim=1, keepdim=True) * scale).sum()
 
 
-def reward_to_go(values: torch.Tensor, mask: Any = None, gamma: float = 1.0) -> torch.Tensor:
+def reward_to_go(values: torch.Tensor, mask: Any = None, *, gamma: float = 1.0) -> torch.Tensor:
     r"""Per-token returns :math:`G_t = \sum_{s \ge t} \gamma^{s-t} m_s x_s` along the last axis.
 
     With ``values`` the per-token KL ℓ_t (e.g. ``kl_penalty(..., estimator="k1")``), the

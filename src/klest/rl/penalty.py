@@ -34,8 +34,10 @@ w = π/π_old = exp(logp - old_logp), so that expectations under π_old equal th
 (only with ``gradient="as_written"``) the derivative of w adds the score term v·∇log π: the
 expected gradient is then ∇E_π[v], the gradient of whatever v is unbiased for: reverse KL for
 k1/k3, the forward KL for forward_k1/forward_k3, ½E[ℓ²] for k2. Without ``old_logp`` this is
-w = exp(logp - sg(logp)) = 1: "score + pathwise". ``weight_clamp`` clips w (a number c means
-w <= c); a clamp is a bias, counted in the diagnostics.
+w = exp(logp - sg(logp)) = 1: "score + pathwise". With ``weight="gradient_only"`` the detached w
+multiplies the derivative only and the value is the unweighted v (OpenRLHF's unbiased gradient:
+the gradient keeps its meaning, the value is v at samples of π_old, not an estimate under π).
+``weight_clamp`` clips w (a number c means w <= c); a clamp is a bias, counted in the diagnostics.
 
 **Clamps.** ``clamp`` clips the log-ratio L = -ℓ to [-c, c] (or (lo, hi)) before the value is
 computed; ``value_clamp`` clips the value. Both are off by default, count what they touch, and,
@@ -57,7 +59,7 @@ import torch
 
 from .._config import get_options
 from ..errors import KlestError
-from ._autograd import GRADIENTS, Spec, apply, compute
+from ._autograd import GRADIENTS, WEIGHTS, Spec, apply, compute
 from ._inputs import Prepared, bounds, prepare
 from ._kernels import resolve
 from .aggregate import aggregation_scale
@@ -70,7 +72,8 @@ class KLDiagnostics:
     """What a training dashboard logs, over the valid tokens of this process (0-d float64 tensors,
     detached; ``as_dict()`` gives floats).
 
-    ``mean``/``std``: mean and sample stdev of the per-token estimate (w·v off-policy).
+    ``mean``/``std``: mean and sample stdev of the per-token value (w·v off-policy; v with
+    ``weight="gradient_only"``).
     ``frac_clamped``/``frac_value_clamped``/``frac_weight_clamped``: fraction of valid tokens whose
     log-ratio / value / importance weight was clipped. ``max_abs_log_ratio``: max |ℓ|.
     ``ess``: effective sample size (Σw)²/Σw² of the unclipped importance weights (= n_tokens
@@ -111,9 +114,9 @@ def _spec(
         raise KlestError(
             f"unknown gradient {gradient!r}; known: {', '.join(GRADIENTS)}", argument="gradient"
         )
-    if weight not in ("detached", "differentiable"):
+    if weight not in WEIGHTS:
         raise KlestError(
-            f"must be 'detached' or 'differentiable', got {weight!r}", argument="weight"
+            f"must be one of {', '.join(map(repr, WEIGHTS))}, got {weight!r}", argument="weight"
         )
     if weight == "differentiable" and gradient != "as_written":
         raise KlestError(
@@ -157,9 +160,9 @@ def _warn_infinite(prep: Prepared) -> None:
 def kl_per_token(
     logp: torch.Tensor,
     ref_logp: torch.Tensor,
+    *,
     old_logp: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
-    *,
     estimator: Any = "k3",
     gradient: str = "reverse_kl",
     weight: str = "detached",
@@ -169,9 +172,10 @@ def kl_per_token(
 ) -> torch.Tensor:
     """Per-token KL term [batch, seq] with the value of ``estimator`` and the chosen gradient.
 
-    Value (per token): w·v(L), 0 on masked tokens; derivative with respect to ``logp``: see the
-    module table. Reduce it with :func:`klest.rl.aggregate`; :func:`kl_loss` does both in one
-    fused step. All presets are built on this function.
+    Value (per token): w·v(L) (v(L) with ``weight="gradient_only"``), 0 on masked tokens;
+    derivative with respect to ``logp``: see the module table. Reduce it with
+    :func:`klest.rl.aggregate`; :func:`kl_loss` does both in one fused step. All presets are built
+    on this function.
     """
     spec = _spec(estimator, gradient, weight, weight_clamp, clamp, value_clamp, old_logp)
     prep = prepare(logp, ref_logp, old_logp, mask)
@@ -182,8 +186,8 @@ def kl_per_token(
 def kl_penalty(
     logp: torch.Tensor,
     ref_logp: torch.Tensor,
-    mask: torch.Tensor | None = None,
     *,
+    mask: torch.Tensor | None = None,
     estimator: Any = "k1",
     clamp: Any = None,
     value_clamp: Any = None,
@@ -211,9 +215,9 @@ def kl_penalty(
 def kl_loss(
     logp: torch.Tensor,
     ref_logp: torch.Tensor,
+    *,
     old_logp: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
-    *,
     estimator: Any = "k3",
     gradient: str = "reverse_kl",
     aggregation: str = "token-mean",

@@ -1,10 +1,11 @@
 """What the RL frameworks compute today, by name, so that switching to klest changes nothing.
 
-Each preset is a per-token function ``preset(logp, ref_logp, old_logp=None, mask=None)`` with the
-framework's value *and* gradient (clamps included), built on :func:`klest.rl.kl_per_token`, and a
-``loss(...)`` method that reduces it with :func:`klest.rl.kl_loss`. Its ``follows`` attribute (and
-the first line of its ``__doc__``) says what its expected gradient follows; once you have matched
-your framework, switch to a preset (or option) whose gradient follows the divergence you meant.
+Each preset is a per-token function ``preset(logp, ref_logp, *, old_logp=None, mask=None)`` with
+the framework's value *and* gradient (clamps included), built on :func:`klest.rl.kl_per_token`,
+and a ``loss(...)`` method that reduces it with :func:`klest.rl.kl_loss`. Its ``follows``
+attribute (and the first line of its ``__doc__``) says what its expected gradient follows; once you
+have matched your framework, switch to a preset (or option) whose gradient follows the divergence
+you meant.
 
 >>> from klest.rl import presets
 >>> presets.get("verl:low_var_kl").follows
@@ -53,21 +54,25 @@ class Preset:
         self,
         logp: torch.Tensor,
         ref_logp: torch.Tensor,
+        *,
         old_logp: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return kl_per_token(logp, ref_logp, self._old(old_logp), mask, **self.options)
+        return kl_per_token(logp, ref_logp, old_logp=self._old(old_logp), mask=mask, **self.options)
 
     def loss(
         self,
         logp: torch.Tensor,
         ref_logp: torch.Tensor,
+        *,
         old_logp: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> KLLoss:
         """:func:`klest.rl.kl_loss` with this preset's options (``aggregation=`` etc. pass on)."""
-        return kl_loss(logp, ref_logp, self._old(old_logp), mask, **self.options, **kwargs)
+        return kl_loss(
+            logp, ref_logp, old_logp=self._old(old_logp), mask=mask, **self.options, **kwargs
+        )
 
 
 _REGISTRY: dict[str, Preset] = {}
@@ -163,12 +168,13 @@ for _n, (_est, _follows, _extra) in _ORL.items():
     _add(
         f"openrlhf:{_n}:unbiased_gradient",
         "reverse KL(π‖π_ref), biased where π/π_old > 10 (the weight is clipped there)",
-        f"OpenRLHF compute_approx_kl with its unbiased-gradient option: value π/π_old · {_n} "
-        f"(as 'openrlhf:{_n}'), gradient of ½ℓ² times the detached weight min(π/π_old, 10) "
-        "(weight 1 without old_logp).",
+        f"OpenRLHF compute_approx_kl with its unbiased-gradient option: value {_n} (as "
+        f"'openrlhf:{_n}', not weighted), gradient of ½ℓ² (unclipped) times the detached "
+        "weight min(π/π_old, 10) (weight 1 without old_logp).",
         uses_old=True,
         estimator=_est,
         gradient="reverse_kl",
+        weight="gradient_only",
         value_clamp=10.0,
         weight_clamp=10.0,
         **_extra,
