@@ -156,3 +156,12 @@ def test_masks_must_be_zero_or_one():
 def test_empty_selection_gives_nan_mean_and_zero_count():
     r = klest.estimate(log_ratio=np.zeros(3), mask=np.zeros(3, dtype=bool))
     assert r.n == 0 and math.isnan(r.mean)
+
+
+@pytest.mark.parametrize("axis", [None, 0])
+def test_infinite_and_nan_means_have_matching_spreads(axis):
+    r = klest.estimate(log_ratio=np.array([-np.inf, 0.0, 1.0]), axis=axis)
+    assert float(r.mean) == np.inf and float(r.std) == np.inf
+    with klest.options(validate=False):
+        r = klest.estimate(log_ratio=np.array([np.nan, 0.0, 1.0]), axis=axis)
+    assert math.isnan(float(r.mean)) and math.isnan(float(r.std))

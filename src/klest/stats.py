@@ -232,15 +232,17 @@ def _reduce(
     n = xp.sum(w, axis=axes)
     n_safe = xp.where(n > 0, n, xp.ones_like(n))
     mean = xp.sum(v, axis=axes) / n_safe
-    centred = xp.where(
-        keep, v - (mean if axes is None else xp.expand_dims(mean, axis=axes[0])), xp.zeros_like(v)
-    )
+    # centre on a finite mean (an infinite one gets an infinite spread below, without inf - inf)
+    finite_mean = xp.where(xp.isfinite(mean), mean, xp.zeros_like(mean))
+    shift = finite_mean if axes is None else xp.expand_dims(finite_mean, axis=axes[0])
+    centred = xp.where(keep & xp.isfinite(v), v - shift, xp.zeros_like(v))
     m2 = xp.sum(centred * centred, axis=axes)
     nan = xp.full_like(mean, math.nan)
     dof = n - ddof
     var = xp.where(dof > 0, m2 / xp.where(dof > 0, dof, xp.ones_like(dof)), nan)
     # A mean of +inf (log p = -inf somewhere) has an infinite spread, not a NaN one.
     var = xp.where(xp.isinf(mean), xp.full_like(mean, math.inf), var)
+    var = xp.where(xp.isnan(mean), nan, var)
     mean = xp.where(n > 0, mean, nan)
     std = xp.sqrt(var)
     stderr = std / xp.sqrt(n_safe)
@@ -385,7 +387,10 @@ def _estimate_numpy(
             mom = Moments(mom.n, float(live[~np.isfinite(live)][0]), math.inf)
     elif not math.isfinite(mom.m2):  # finite mean, overflowing spread
         mom = Moments(mom.n, mom.mean, math.inf)
-    std = mom.std(ddof) if math.isfinite(mom.m2) else math.inf
+    if math.isnan(mom.mean):
+        std = math.nan
+    else:
+        std = mom.std(ddof) if math.isfinite(mom.m2) else math.inf
     stderr = std / math.sqrt(mom.n) if mom.n > 0 else math.nan
     mean = mom.mean if mom.n > 0 else math.nan
     return Estimate(np.float64(mean), np.float64(std), np.float64(stderr), int(mom.n), n_clamped)
