@@ -169,3 +169,15 @@ def test_numpy_chunked_kernels_match_the_generic_code(scale, dtype):
         finite = np.isfinite(strict)
         tol = 4 * np.finfo(dtype).eps
         np.testing.assert_allclose(got[finite], strict[finite], rtol=tol, atol=0)
+
+
+def test_clamped_log_ratio_shows_what_a_clamp_does():
+    L = np.array([-30.0, -5.0, 0.0, 5.0, 30.0])
+    clipped, moved = klest.clamped_log_ratio(log_ratio=L, clamp=(-4.0, 10.0))
+    np.testing.assert_array_equal(clipped, [-4.0, -4.0, 0.0, 5.0, 10.0])
+    assert int(moved) == 3
+    mask = np.array([False, True, True, True, True])
+    assert int(klest.clamped_log_ratio(log_ratio=L, clamp=20, mask=mask)[1]) == 1
+    np.testing.assert_array_equal(
+        klest.k3(log_ratio=L, clamp=20), klest.k3(log_ratio=np.clip(L, -20, 20))
+    )

@@ -13,7 +13,18 @@ from .divergences import (
     register_divergence,
 )
 from .errors import KlestError
-from .estimators import fdiv, forward_k1, forward_k3, k1, k2, k3, k_lambda, k_opt, optimal_lambda
+from .estimators import (
+    clamped_log_ratio,
+    fdiv,
+    forward_k1,
+    forward_k3,
+    k1,
+    k2,
+    k3,
+    k_lambda,
+    k_opt,
+    optimal_lambda,
+)
 from .stats import Estimate, Moments, estimate, estimator_names
 
 __version__ = "0.1.0"
@@ -25,6 +36,7 @@ __all__ = [
     "Moments",
     "__version__",
     "alpha_divergence",
+    "clamped_log_ratio",
     "divergence_names",
     "estimate",
     "estimator_names",

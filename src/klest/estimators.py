@@ -16,13 +16,14 @@ from __future__ import annotations
 from typing import Any
 
 from . import _numerics as nm
-from ._backend import Array, is_traced, namespace
+from ._backend import Array, clamp_counted, is_traced, namespace
 from ._backend import log_ratio as _prepare
 from ._config import get_options
 from .divergences import FDivergence, get_divergence
 from .errors import KlestError
 
 __all__ = [
+    "clamped_log_ratio",
     "fdiv",
     "forward_k1",
     "forward_k3",
@@ -228,6 +229,30 @@ def k_opt(
         values = _k_lambda(xp, L, xp.where(even, lam_o, lam_e))
         lam_out = (_squeeze(xp, lam_e, axis, L.ndim), _squeeze(xp, lam_o, axis, L.ndim))
     return (values, lam_out) if return_lambda else values
+
+
+def clamped_log_ratio(
+    logq: Array = None,
+    logp: Array = None,
+    *,
+    log_ratio: Array = None,
+    clamp: Any,
+    mask: Array = None,
+) -> tuple[Array, Array]:
+    """``(L, n_clamped)``: the log-ratio clipped as ``clamp=`` would clip it, and how many
+    elements (where ``mask`` is true) the clip moved.
+
+    Every estimator's ``clamp=`` option clips this L; use this to see what a clamp does before
+    trusting an estimate made with it (a clamp is a bias).
+
+    >>> import numpy as np, klest
+    >>> L, moved = klest.clamped_log_ratio(log_ratio=np.array([-30.0, 0.5, 25.0]), clamp=20)
+    >>> L, int(moved)
+    (array([-20. ,   0.5,  20. ]), 2)
+    """
+    xp, L, _ = _prepare(logq, logp, log_ratio)
+    keep = None if mask is None else _weights(xp, L, mask) > 0
+    return clamp_counted(xp, L, clamp, keep=keep)
 
 
 # ---------------------------------------------------------------------------- helpers
