@@ -22,6 +22,10 @@ class _UsageError(Exception):
     pass
 
 
+class _PathError(Exception):
+    """An output path that cannot be written (reported without the --help hint)."""
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         raise _UsageError(message)
@@ -40,6 +44,43 @@ def _count(text: str) -> int:
     if v > 1e12:
         raise argparse.ArgumentTypeError(f"n = {text} is more than 1e12 samples")
     return int(v)
+
+
+def _seed(text: str) -> int:
+    try:
+        v = int(text.replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seed must be a whole number, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"seed must be >= 0, got {text!r}")
+    if v >= 2**128:
+        raise argparse.ArgumentTypeError(f"seed must be < 2**128, got {text!r}")
+    return v
+
+
+#: Figure formats matplotlib's Agg backend writes (checked before any work is done).
+PLOT_SUFFIXES = (".png", ".pdf", ".svg", ".svgz", ".eps", ".ps", ".jpg", ".jpeg", ".tif", ".tiff")
+
+
+def _check_writable(option: str, path: str, suffixes: Sequence[str]) -> None:
+    """Fail before computing if ``path`` cannot be written: wrong suffix, missing or read-only
+    directory, or a directory in its place."""
+    import os
+    from pathlib import Path
+
+    p = Path(path)
+    if p.suffix.lower() not in suffixes:
+        raise _PathError(
+            f"{option} {path}: the file name must end in {', '.join(suffixes)}"
+            + (" (the figure's format comes from it)" if option == "--plot" else "")
+        )
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise _PathError(f"{option} {path}: directory {parent} does not exist")
+    if p.is_dir():
+        raise _PathError(f"{option} {path}: is a directory")
+    if not os.access(parent, os.W_OK | os.X_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise _PathError(f"{option} {path}: permission denied")
 
 
 def _workers(text: str) -> int:
@@ -81,7 +122,7 @@ def _build_parser() -> _Parser:
         sp.add_argument(
             "--n", type=_count, default=n_default, help=f"samples per row (default {n_default:.0e})"
         )
-        sp.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+        sp.add_argument("--seed", type=_seed, default=0, help="random seed >= 0 (default 0)")
         sp.add_argument("--format", choices=("table", "markdown", "csv", "json"), default="table")
         sp.add_argument("--workers", type=_workers, default=None, help="threads (default 2)")
         sp.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -172,6 +213,8 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     from klest.lab.experiments import reproduce
     from klest.lab.report import format_rows
 
+    if args.plot:
+        _check_writable("--plot", args.plot, PLOT_SUFFIXES)
     prog = _Progress(not args.quiet, "reproduce")
     try:
         rows = reproduce(args.n, args.seed, workers=args.workers, progress=prog)
@@ -191,6 +234,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
     q = _spec("--q", args.q)
     p = _spec("--p", args.p)
+    if args.plot:
+        _check_writable("--plot", args.plot, PLOT_SUFFIXES)
 
     prog = _Progress(not args.quiet, "compare")
     try:
@@ -218,6 +263,9 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     from klest.lab.report import format_rows
 
     name, values, log = sweep_values(args.vary)
+    _check_writable("--out", args.out, (".json", ".csv"))
+    if args.plot:
+        _check_writable("--plot", args.plot, PLOT_SUFFIXES)
 
     def on_point(i: int, n_points: int, rows: list[dict[str, Any]]) -> None:
         if not args.quiet:
@@ -303,6 +351,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _UsageError as e:
         _error(f"{e} (see klest --help)")
         return EXIT_USAGE
+    except _PathError as e:
+        _error(str(e))
+        return EXIT_USAGE
     except _SpecFailure as e:
         from klest.lab.specs import SpecError
 
@@ -324,6 +375,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:
         _error(f"{e.strerror or e}: {e.filename}" if e.filename else str(e))
         return 1
+    except (ArithmeticError, ValueError) as e:
+        # numbers beyond what the computation can represent, for input the checks let through
+        text = str(e).splitlines()[0] if str(e) else type(e).__name__
+        _error(f"cannot compute this ({type(e).__name__}: {text}); try less extreme parameters")
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":  # pragma: no cover

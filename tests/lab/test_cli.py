@@ -4,6 +4,7 @@ one-line errors without tracebacks, and a sweep killed midway that resumes."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -71,7 +72,15 @@ def test_compare_heavy_tail() -> None:
         "k1,k3",
     )
     assert r.returncode == 0, r.stderr
-    assert "unreliable" in r.stdout
+    lines = [line for line in r.stdout.splitlines() if line.startswith("student_t(3, 0, 1)")]
+    rows = {line.split()[3]: line for line in lines}
+    assert "unreliable" in rows["k3"]  # E_q[r²] = ∞: k3's stdev is flagged
+    assert "unreliable" not in rows["k1"]  # k1 = -log r has finite variance: not flagged
+    # k3's exact bias is 0 (E_q[r] = 1): the 'exact' column after bias/true
+    assert rows["k3"].split()[7] == "0", rows["k3"]
+
+
+SWEEP_ARGS = ["sweep", "--q", "normal(0,1)", "--p", "normal(mu,1)", "--vary", "mu=1,2"]
 
 
 @pytest.mark.parametrize(
@@ -129,6 +138,63 @@ def test_compare_heavy_tail() -> None:
                 "x.json",
             ],
             "unknown name 'nu'",
+        ),
+        (["reproduce", "--seed", "-1"], "seed must be >= 0"),
+        (["reproduce", "--seed", "x"], "seed must be a whole number"),
+        # output paths are checked before any work (the default n = 1e7 would take seconds)
+        (["reproduce", "--plot", "out.txt"], "--plot out.txt: the file name must end in .png"),
+        (["reproduce", "--plot", "nodir/out.png"], "directory nodir does not exist"),
+        (["reproduce", "--plot", "."], "must end in"),
+        (
+            [*SWEEP_ARGS, "--out", "nodir/x.json"],
+            "--out nodir/x.json: directory nodir does not exist",
+        ),
+        (
+            [*SWEEP_ARGS, "--out", "x.txt"],
+            "must end in .json, .csv",
+        ),
+        # parameters whose densities would overflow
+        (["compare", "--q", "normal(0,1)", "--p", "student_t(1e308)"], "out of range"),
+        (["compare", "--q", "normal(0,1e300)", "--p", "normal(0,1)"], "out of range"),
+        (["compare", "--q", "normal(0,1)", "--p", "normal(1e300,1)"], "out of range"),
+        (["compare", "--q", "normal(0,1)", "--p", "normal(0,1e-300)"], "too small"),
+        (["compare", "--q", "exponential(1e-300)", "--p", "exponential(1)"], "too small"),
+        (["compare", "--q", "logistic(0,1e300)", "--p", "logistic(0,1)"], "out of range"),
+        (["compare", "--q", "gamma(1e300,1e300)", "--p", "gamma(1,1)"], "out of range"),
+        (["compare", "--q", "poisson(1e300)", "--p", "poisson(1)"], "out of range"),
+        (["compare", "--q", "poisson(1)", "--p", "poisson(2e6)"], "too large"),
+        (["compare", "--q", "mvnormal([0],[[1e300]])", "--p", "normal(0,1)"], "out of range"),
+        # p's mass in the gap of a mixture q: the forward KL is +inf
+        (
+            [
+                "compare",
+                "--q",
+                "mixture([0.5,0.5],[uniform(0,1),uniform(2,3)])",
+                "--p",
+                "uniform(0,3)",
+                "--estimators",
+                "forward_k3",
+            ],
+            "support mismatch",
+        ),
+        (
+            ["compare", "--q", "normal(0,1)", "--p", "mvnormal([0],[[2]])", "--n", "1000"],
+            "--",
+        ),
+        ([*SWEEP_ARGS[:-1], "mu=1,nan", "--out", "x.json"], "must be finite"),
+        (
+            [
+                "sweep",
+                "--q",
+                "normal(0,1)",
+                "--p",
+                "normal(1,1)",
+                "--vary",
+                "o=1,2",
+                "--out",
+                "x.json",
+            ],
+            "neither spec uses the swept variable 'o'",
         ),
         (["reproduce", "--format", "yaml"], "invalid choice"),
         (["frobnicate"], "invalid choice"),
@@ -214,6 +280,26 @@ def test_sweep_killed_midway_resumes(tmp_path: Path, sig: signal.Signals) -> Non
     assert klest(*SWEEP, "--out", str(fresh), cwd=tmp_path).returncode == 0
     key = lambda r: (r["value"], r["estimator"])  # noqa: E731
     assert sorted(final, key=key) == sorted(json.loads(fresh.read_text()), key=key)
+
+
+def test_numeric_failures_are_one_line_errors(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # whatever overflow the range checks miss ends as a one-line error with status 2
+    import klest.lab.experiments as ex
+    from klest.cli import main
+
+    def boom(*args: object, **kw: object) -> None:
+        raise OverflowError("math range error")
+
+    monkeypatch.setattr(ex, "compare", boom)
+    assert main(["compare", "--q", "normal(0,1)", "--p", "normal(1,1)", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("klest: error: ") and "OverflowError" in err
+    assert len(err.splitlines()) == 1
+    monkeypatch.setattr(ex, "compare", lambda *a, **k: math.sqrt(-1))
+    assert main(["compare", "--q", "normal(0,1)", "--p", "normal(1,1)", "--quiet"]) == 2
+    assert capsys.readouterr().err.startswith("klest: error: ")
 
 
 def test_imports_stay_light() -> None:

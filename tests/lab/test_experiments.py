@@ -106,6 +106,15 @@ def test_compare_torch_objects_use_the_registry() -> None:
         assert abs(r["bias_over_true"]) < N_SIGMA * r["stderr_bias_over_true"]
 
 
+def test_compare_torch_normal_student_t() -> None:
+    torch = pytest.importorskip("torch")
+    q, p = torch.distributions.Normal(0.0, 1.0), torch.distributions.StudentT(3.0)
+    rows = compare(q, p, ["k1"], n=50_000, seed=0)
+    assert rows[0]["truth_source"] == "quadrature"
+    assert rows[0]["true_value"] == pytest.approx(0.0691516, rel=1e-5)
+    assert abs(rows[0]["bias_over_true"]) < N_SIGMA * rows[0]["stderr_bias_over_true"]
+
+
 def test_compare_scipy_and_discrete() -> None:
     stats = pytest.importorskip("scipy.stats")
     n = 100_000
@@ -133,6 +142,36 @@ def test_compare_heavy_tail_reports_unreliable_stdev() -> None:
     assert "unreliable" in text and "exact second moment is infinite" in text
 
 
+def test_exact_bias_where_p_has_mass_outside_q() -> None:
+    # q = Exponential(1), p = N(0, 1): E_q[r] = 1/2, so k3 = (r - 1) - L has mean KL - 1/2
+    n = 200_000
+    rows = compare("exponential(1)", "normal(0, 1)", ["k1", "k3", "k_opt"], n=n, seed=3)
+    by = {r["estimator"]: r for r in rows}
+    kl = by["k1"]["true_value"]
+    assert kl == pytest.approx(0.5 * math.log(2 * math.pi), rel=1e-9)
+    assert by["k1"]["expected_bias_over_true"] == 0.0
+    assert by["k3"]["expected_bias_over_true"] == pytest.approx(-0.5 / kl, rel=1e-7)
+    for r in rows[:2]:
+        se = r["expected_stdev_over_true"] / math.sqrt(n)
+        assert abs(r["bias_over_true"] - r["expected_bias_over_true"]) < N_SIGMA * se, r
+    # k_opt = k1 + λ(r - 1) with λ* ≈ 6 inherits the bias λ*·E_q[r - 1]; its measured value
+    # also carries λ̂'s own error (times E_q[r - 1] ≠ 0), not in the standard error: 5 %
+    assert by["k_opt"]["expected_bias_over_true"] < -2
+    assert by["k_opt"]["bias_over_true"] == pytest.approx(
+        by["k_opt"]["expected_bias_over_true"], rel=0.05
+    )
+    # a mixture's gap: TV's estimator misses f*(0)·P_p(gap) = 1/6 of the true 1/3
+    tv = compare(
+        "mixture([0.5, 0.5], [uniform(0, 1), uniform(2, 3)])",
+        "uniform(0, 3)",
+        ["total_variation"],
+        n=1000,
+    )[0]
+    assert tv["true_value"] == pytest.approx(1 / 3, rel=1e-9)
+    assert tv["expected_bias_over_true"] == pytest.approx(-0.5, rel=1e-7)
+    assert tv["bias_over_true"] == pytest.approx(-0.5, rel=1e-7)
+
+
 def test_compare_infinite_truth_is_an_error() -> None:
     with pytest.raises(KlestError, match=r"\+inf"):
         compare("normal(0, 1)", "exponential(1)", ["k1"], n=100)
@@ -146,7 +185,8 @@ def test_sweep_values() -> None:
     assert sweep_values("df=1,2,5") == ("df", [1.0, 2.0, 5.0], False)
     name, vals, log = sweep_values("mu=0.01:3:5:log")
     assert name == "mu" and log and vals[0] == pytest.approx(0.01) and vals[-1] == pytest.approx(3)
-    for bad in ("mu", "mu=1:2", "mu=a,b", "mu=0:1:3:log", "1x=1,2", "mu=1:2:0"):
+    bad_inputs = ("mu", "mu=1:2", "mu=a,b", "mu=0:1:3:log", "1x=1,2", "mu=1:2:0")
+    for bad in (*bad_inputs, "mu=nan,1", "mu=1,inf", "mu=0:inf:3", "mu=nan:1:3"):
         with pytest.raises(KlestError):
             sweep_values(bad)
 
@@ -190,6 +230,61 @@ def test_sweep_writes_resumes_and_plots(tmp_path: Path) -> None:
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     png2 = plot_rows(reproduce(n=10_000), tmp_path / "r.png")
     assert png2.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sweep_file_errors_and_mode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import tempfile
+
+    from klest.lab.experiments import write_rows_atomic
+
+    out = tmp_path / "s.json"
+    old = os.umask(0o022)
+    try:
+        write_rows_atomic(out, [{"a": 1.0}])
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o644  # as open() would create it, not mkstemp's 0o600
+
+    def denied(*args: object, **kw: object) -> None:
+        raise PermissionError(13, "Permission denied", str(tmp_path / ".s.json.x1y2.tmp"))
+
+    monkeypatch.setattr(tempfile, "mkstemp", denied)
+    with pytest.raises(PermissionError) as info:
+        write_rows_atomic(out, [{"a": 2.0}])
+    assert info.value.filename == str(out)  # the user's file, not the temporary one
+
+
+def test_sweep_refuses_another_sweep_and_keys_seeds_by_value(tmp_path: Path) -> None:
+    out = tmp_path / "s.json"
+    base = ("normal(0, 1)", "normal(mu, 1)", "mu")
+    rows = sweep(*base, [0.5, 1.0], ["k1", "k3"], n=5000, seed=1, out=out)
+    assert {r["estimators"] for r in rows} == {"k1,k3"} and {r["grid"] for r in rows} == {"0.5,1.0"}
+    # the same specs, n and seed but other estimators, or another grid: a different sweep
+    with pytest.raises(KlestError, match=r"different sweep \(estimators"):
+        sweep(*base, [0.5, 1.0], ["k1"], n=5000, seed=1, out=out)
+    with pytest.raises(KlestError, match=r"different sweep \(grid"):
+        sweep(*base, [0.5, 1.0, 1.5], ["k1", "k3"], n=5000, seed=1, out=out)
+    # a point's seed depends on its value, not its index: μ = 1 gives the same rows on any grid
+    other = sweep(*base, [1.0, 1.5], ["k1", "k3"], n=5000, seed=1)
+
+    def at_one(rs: list[dict[str, object]]) -> list[dict[str, object]]:
+        return [{k: v for k, v in r.items() if k != "grid"} for r in rs if r["value"] == 1.0]
+
+    assert at_one(other) == at_one(rows)
+    # rows that are not a sweep's: a one-line error, not a KeyError
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"estimator": "k1"}]')
+    with pytest.raises(KlestError, match="row 1 has no 'q_template'"):
+        sweep(*base, [0.5, 1.0], ["k1", "k3"], n=5000, seed=1, out=bad)
+    bad.write_text(json.dumps([{**rows[0], "value": "x"}]))
+    with pytest.raises(KlestError, match="row 1 has value = 'x'"):
+        sweep(*base, [0.5, 1.0], ["k1", "k3"], n=5000, seed=1, out=bad)
+    # the swept name must be a variable of a spec, not a substring of one
+    with pytest.raises(KlestError, match="uses the swept variable 'o'"):
+        sweep("normal(0, 1)", "normal(1, 1)", "o", [1.0, 2.0], ["k1"], n=100)
+    with pytest.raises(KlestError, match="finite"):
+        sweep(*base, [1.0, math.nan], ["k1"], n=100)
 
 
 def test_compare_torch_discrete_and_support() -> None:

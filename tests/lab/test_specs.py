@@ -105,6 +105,16 @@ def _err(text: str, **kw: object) -> SpecError:
         ("__import__('os')", 11, "unexpected character"),
         ("normal(0, 1e999)", 10, "out of range"),
         ("normal(0, [1])", 10, "must be a number"),
+        # digits other than ASCII 0-9 ('٣' would read as 3, '²' would crash float())
+        ("normal(0, ٣)", 10, "unexpected character '٣'"),
+        ("normal(0, 1²)", 11, "unexpected character '²'"),
+        # numbers whose densities would overflow or underflow
+        ("normal(1e300, 1)", 7, "out of range"),
+        ("normal(0, 1e-300)", 10, "too small"),
+        ("student_t(1e308)", 10, "out of range"),
+        ("poisson(1e300)", 8, "out of range"),
+        ("poisson(2e6)", 8, "too large"),
+        ("mvnormal([0], [[1e300]])", 16, "out of range"),
     ],
 )
 def test_bad_input_points_at_the_offending_character(text: str, position: int, words: str) -> None:

@@ -184,6 +184,34 @@ def test_monte_carlo_fallback_is_labelled_with_error_bar() -> None:
     assert abs(t.value - (2 - 2 * bc)) < 4 * t.stderr
 
 
+def test_torch_continuous_pairs_without_a_registry_entry() -> None:
+    td = torch.distributions
+    f64 = torch.float64
+    q = td.Normal(torch.tensor(0.0, dtype=f64), torch.tensor(1.0, dtype=f64))
+    p = td.StudentT(torch.tensor(3.0, dtype=f64))
+    # torch has no KL(Normal‖StudentT): quadrature with torch's log_prob, break points from icdf
+    # (Normal) or a bracket from loc/scale (StudentT has no icdf)
+    for div in ("reverse_kl", "total_variation"):
+        t = truth(q, p, div)
+        assert t.source == "quadrature", div
+        ref = truth(parse("normal(0, 1)"), parse("student_t(3)"), div)
+        assert t.value == pytest.approx(ref.value, rel=1e-9), div
+    # torch Normal/Normal: the lab's closed forms for divergences torch has no registry entry for
+    qn, pn = td.Normal(0.0, 1.0), td.Normal(1.0, 1.0)
+    for div in ("chi2", "squared_hellinger", "alpha:0.5"):
+        t = truth(qn, pn, div)
+        assert t.source == "closed form", div
+        assert t.value == truth(D.Normal(0, 1), D.Normal(1, 1), div).value
+    # Monte Carlo: k3 is dominated by single samples (r unbounded against a Student-t), so the
+    # fallback uses k1; the exact value is the sum of two one-dimensional KLs
+    mq = td.MultivariateNormal(torch.zeros(2, dtype=f64), torch.eye(2, dtype=f64))
+    mp = td.Independent(td.StudentT(torch.tensor([3.0, 3.0], dtype=f64)), 1)
+    t = truth(mq, mp, mc_samples=200_000)
+    assert t.source == "monte carlo"
+    exact = 2 * truth(parse("normal(0, 1)"), parse("student_t(3)")).value
+    assert abs(t.value - exact) < 4 * t.stderr
+
+
 def test_support_mismatch() -> None:
     t = truth(parse("normal(0, 1)"), parse("exponential(1)"), "reverse_kl")
     assert t.value == math.inf and t.source == "support mismatch"
@@ -203,6 +231,35 @@ def test_support_mismatch() -> None:
     assert t.value == pytest.approx(math.log(2))
 
 
+def test_mass_in_the_gap_of_a_mixture() -> None:
+    # q has no mass on (1, 2); the hull [0, 3] hides the gap, the interval union does not
+    gap = parse("mixture([0.5, 0.5], [uniform(0, 1), uniform(2, 3)])")
+    assert gap.support_intervals() == [(0.0, 1.0), (2.0, 3.0)]
+    assert parse("mixture([0.5, 0.5], [uniform(0, 1), uniform(1, 2)])").support_intervals() == [
+        (0.0, 2.0)
+    ]
+    flat = parse("uniform(0, 3)")
+    for div in ("forward_kl", "chi2", "alpha:2"):  # f*(0) = inf: p's mass in the gap is unseen
+        with pytest.raises(KlestError, match="support mismatch"):
+            truth(gap, flat, div)
+    # finite f*(0): the gap's mass 1/3 counts f*(0)·1/3 on top of E_q[f(r)]
+    assert truth(gap, flat, "total_variation").value == pytest.approx(1 / 3, rel=1e-9)
+    h = 2 * (math.sqrt(1 / 3) - math.sqrt(1 / 2)) ** 2 + 1 / 3
+    assert truth(gap, flat, "squared_hellinger").value == pytest.approx(h, rel=1e-9)
+    assert truth(gap, flat, "reverse_kl").value == pytest.approx(math.log(1.5), rel=1e-9)
+    # the other way round q has mass where p has none: +inf reverse KL, labelled as such
+    t = truth(flat, gap, "reverse_kl")
+    assert t.value == math.inf and t.source == "support mismatch"
+    assert truth(flat, gap, "total_variation").value == pytest.approx(1 / 3, rel=1e-9)
+    # a discrete gap: p's mass 0.5 at a point where q has none, TV = 0.5
+    t = truth(
+        parse("categorical([0.5, 0, 0.5])"),
+        parse("categorical([0.25, 0.5, 0.25])"),
+        "total_variation",
+    )
+    assert t.value == pytest.approx(0.5, rel=1e-12)
+
+
 def test_exact_moments_detect_infinite_variance() -> None:
     q, p = parse("normal(0, 1)"), parse("student_t(3)")
     mean, var = exact_moments(q, p, "k3")  # type: ignore[misc]
@@ -211,6 +268,47 @@ def test_exact_moments_detect_infinite_variance() -> None:
     assert mean == pytest.approx(truth(q, p).value, rel=1e-3)
     _, var1 = exact_moments(q, p, "k1")  # type: ignore[misc]
     assert math.isfinite(var1)
+
+
+def test_exact_sum_far_from_zero() -> None:
+    # the bulk of Poisson(990000) ends past 10⁶ and q·r² peaks beyond it: the sum must go on
+    t = truth(D.Poisson(990_000.0), D.Poisson(1e6), "chi2")
+    assert t.value == pytest.approx(math.expm1(1e4**2 / 990_000), rel=1e-8)
+
+
+def test_heavy_p_beyond_where_q_underflows() -> None:
+    # N(0, 1)'s density underflows beyond |x| ≈ 38 while a Student-t(3) still has mass there:
+    # q·f(r) → f*(0)·p (TV) or p·log r (forward KL) must be kept, not dropped with q
+    q, p = parse("normal(0, 1)"), parse("student_t(3)")
+    from scipy import integrate
+
+    tp, tq = stats.t(3), stats.norm()
+    tv = 0.5 * integrate.quad(lambda x: abs(tp.pdf(x) - tq.pdf(x)), -np.inf, np.inf, limit=500)[0]
+    assert truth(q, p, "total_variation").value == pytest.approx(tv, rel=1e-8)
+    # KL(p‖q) sampled from q is KL(q'‖p') with the roles swapped
+    fwd = truth(q, p, "forward_kl").value
+    assert fwd == pytest.approx(truth(p, q, "reverse_kl").value, rel=1e-9)
+    # E_q[r] = 1: k3's exact mean is the KL itself, not 1 - (p's mass where q underflows)
+    mean, _ = exact_moments(q, p, "k3")  # type: ignore[misc]
+    assert mean == pytest.approx(truth(q, p).value, rel=1e-12)
+
+
+def test_slowly_decaying_but_finite_variance() -> None:
+    # q = N(0, 1), p = N(0, 1.4): q·r² ∝ e^{-0.01x²} decays slowly (still 1e-6 at x = 37) but
+    # Var(k3) is finite; r = e^{a x²}/s with a = (1 - 1/s²)/2 gives it in closed form
+    s = 1.4
+    a, ls = (1 - 1 / s**2) / 2, math.log(s)
+    er2 = 1 / s**2 / math.sqrt(1 - 4 * a)
+    var = (er2 - 1) - 2 * a * (s * s - 1) + 2 * a * a  # Var(r) - 2 Cov(r, L) + Var(L)
+    kl = ls + 1 / (2 * s * s) - 0.5
+    mean, v = exact_moments("normal(0, 1)", f"normal(0, {s})", "k3")  # type: ignore[misc]
+    assert mean == pytest.approx(kl, rel=1e-9)
+    assert v == pytest.approx(var, rel=1e-7)
+    assert math.sqrt(v) / kl == pytest.approx(16.2749, rel=1e-5)
+    # at σp² = 2σq² E_q[r²] diverges, and against a Student-t the tails are polynomial
+    for p in ("normal(0, 1.4143)", "student_t(3)", "student_t(30)"):
+        assert exact_moments("normal(0, 1)", p, "k3")[1] == math.inf, p  # type: ignore[index]
+    assert math.isfinite(exact_moments("normal(0, 1)", "student_t(3)", "k1")[1])  # type: ignore[index]
 
 
 def test_exact_moments_normal_shift_match_closed_forms() -> None:

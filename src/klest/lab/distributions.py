@@ -69,6 +69,11 @@ class Distribution:
         """Closed hull (lo, hi) of the support of a univariate distribution."""
         return (-math.inf, math.inf)
 
+    def support_intervals(self) -> list[tuple[float, float]]:
+        """The support of a univariate distribution as disjoint closed intervals, in order (one
+        interval, the hull, for every family but a mixture whose components leave gaps)."""
+        return [self.support]
+
     def scipy(self) -> Any:
         """A frozen SciPy distribution with the same law (univariate families only), or None."""
         return None
@@ -342,12 +347,17 @@ class MultivariateNormal(Distribution):
 
     def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
         z = rng.standard_normal((n, self.dim))
-        return z @ self._chol.T + np.asarray(self.loc)
+        x = z @ self._chol.T + np.asarray(self.loc)
+        # one dimension: shape (n,) like the univariate families, so that the two mix
+        return x[:, 0] if self.dim == 1 else x
 
     def logpdf(self, x: np.ndarray) -> np.ndarray:
         from numpy.linalg import solve
 
-        d = np.asarray(x, dtype=np.float64) - np.asarray(self.loc)
+        x = np.asarray(x, dtype=np.float64)
+        if self.dim == 1 and x.ndim == 1:
+            x = x[:, None]
+        d = x - np.asarray(self.loc)
         z = solve(self._chol, d.T)  # triangular system, small d
         logdet = 2.0 * float(np.sum(np.log(np.diag(self._chol))))
         return -0.5 * np.sum(z * z, axis=0) - 0.5 * (self.dim * _LOG_2PI + logdet)
@@ -476,8 +486,25 @@ class Mixture(Distribution):
 
     @property
     def support(self) -> tuple[float, float]:
-        sup = [c.support for c in self.components]
+        sup = [c.support for w, c in zip(self.weights, self.components, strict=True) if w > 0]
         return (min(s[0] for s in sup), max(s[1] for s in sup))
+
+    def support_intervals(self) -> list[tuple[float, float]]:
+        """The union of the supports of the components with positive weight: disjoint closed
+        intervals, so that a gap between components (no mass) is visible, unlike in the hull."""
+        parts = sorted(
+            iv
+            for w, c in zip(self.weights, self.components, strict=True)
+            if w > 0
+            for iv in c.support_intervals()
+        )
+        merged: list[tuple[float, float]] = []
+        for lo, hi in parts:
+            if merged and lo <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
+            else:
+                merged.append((lo, hi))
+        return merged
 
     def quantile_points(self) -> list[float]:
         """Break points for quadrature: each component's quartiles and far quantiles."""
@@ -491,7 +518,7 @@ class Mixture(Distribution):
 
 
 def _quantile_points(d: Distribution) -> list[float]:
-    if isinstance(d, Mixture):
+    if isinstance(d, (Mixture, TorchDistribution)):
         return d.quantile_points()
     sp = d.scipy()
     if sp is None:
@@ -611,6 +638,34 @@ class TorchDistribution(Distribution):
     @property
     def spec(self) -> str:
         return f"torch.{self.name}"
+
+    def quantile_points(self) -> list[float]:
+        """Break points for quadrature (continuous, one dimension): quantiles from ``icdf`` where
+        torch implements it, else a wide bracket around the mean from the standard deviation
+        (or ``loc``/``scale`` where those are not finite, as for a Student-t with df <= 2)."""
+        if self.discrete or self.dim != 1:
+            return []
+        torch = self.torch
+        dist = self.dist
+        dtype = dist.mean.dtype if dist.mean.dtype.is_floating_point else torch.float64
+        probs = [1e-12, 1e-6, 0.01, 0.25, 0.5, 0.75, 0.99, 1 - 1e-6, 1 - 1e-12]
+        try:
+            with torch.no_grad():
+                qs = dist.icdf(torch.tensor(probs, dtype=dtype))
+            pts = [float(v) for v in qs.detach().to(torch.float64).reshape(-1)]
+        except (NotImplementedError, ValueError, RuntimeError):
+            pts = []
+        pts = [v for v in pts if math.isfinite(v)]
+        if len(pts) >= 3:
+            return sorted(set(pts))
+        with torch.no_grad():
+            mean, sd = float(dist.mean), float(dist.stddev)
+        if not (math.isfinite(mean) and math.isfinite(sd) and sd > 0):
+            mean = float(getattr(dist, "loc", 0.0))
+            sd = float(getattr(dist, "scale", 1.0))
+        lo, hi = self.support
+        pts = [mean + k * sd for k in (-40, -10, -3, -1, 0, 1, 3, 10, 40)]
+        return sorted({v for v in pts if lo < v < hi})
 
 
 def as_distribution(obj: Any, *, variables: dict[str, float] | None = None) -> Distribution:

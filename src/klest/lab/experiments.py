@@ -13,6 +13,7 @@ import io
 import json
 import math
 import os
+import struct
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -44,7 +45,8 @@ REPRODUCE_ESTIMATORS = ("k1", "k2", "k3", "forward_k3", "k_opt")
 DEFAULT_ESTIMATORS = REPRODUCE_ESTIMATORS
 
 #: Keys of every row, in order (``compare`` and ``sweep`` add nothing else except a sweep's
-#: ``param``/``value``/``q_template``/``p_template``).
+#: configuration and point, :data:`SWEEP_KEYS`: ``q_template``/``p_template``/``param``/
+#: ``sweep_seed``/``estimators``/``grid``/``value``).
 ROW_KEYS = (
     "q",
     "p",
@@ -195,12 +197,12 @@ def _expected_generic(
         return None, None
     if mom is None:
         return None, None
-    _, var = mom
-    # Every estimator here but k2 is unbiased by construction (E_q[r - 1] = 0); k2's mean is the
-    # log-squared divergence. Both come from the truths, not from the integral of the mean.
-    if name == "k2":
-        bias = truth(q, p, "log_squared").value / t.value - 1.0
-    else:
+    mean, var = mom
+    # The exact mean E_q[v] over q's support: every estimator but k2 is unbiased only when
+    # E_q[r] = 1, which fails where p puts mass outside q's support (q = Exponential(1),
+    # p = N(0, 1): E_q[r - 1] = -1/2). Quadrature's last digits (|bias| < 1e-9) read as 0.
+    bias = mean / t.value - 1.0
+    if abs(bias) < 1e-9:
         bias = 0.0
     return (bias, math.sqrt(var) / abs(t.value)), math.isfinite(var)
 
@@ -280,6 +282,8 @@ def sweep_values(text: str) -> tuple[str, list[float], bool]:
             if len(parts) not in (3, 4) or (len(parts) == 4 and not log):
                 raise ValueError
             start, stop, count = float(parts[0]), float(parts[1]), int(parts[2])
+            if not (math.isfinite(start) and math.isfinite(stop)):
+                raise KlestError("START and STOP must be finite numbers", argument="vary")
             if count < 1 or count > 10_000:
                 raise KlestError("COUNT must be between 1 and 10000", argument="vary")
             if log:
@@ -292,15 +296,27 @@ def sweep_values(text: str) -> tuple[str, list[float], bool]:
         values = [float(v) for v in rest.split(",") if v.strip()]
         if not values:
             raise ValueError
+        bad = [v for v in values if not math.isfinite(v)]
+        if bad:
+            raise KlestError(f"sweep values must be finite numbers, got {bad[0]}", argument="vary")
         return name, values, False
+    except KlestError:
+        raise
     except ValueError:
         raise KlestError(
             f"cannot read {rest!r}; expected START:STOP:COUNT[:log] or v1,v2,...", argument="vary"
         ) from None
 
 
-def _point_seed(seed: int, index: int) -> int:
-    return int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0] >> 1)
+def _point_seed(seed: int, value: float) -> int:
+    """The seed of the sweep point at ``value``: derived from (seed, the value's bits), so the
+    same value gets the same seed on any grid."""
+    bits = struct.unpack("<Q", struct.pack("<d", float(value) + 0.0))[0]  # -0.0 reads as 0.0
+    return int(np.random.SeedSequence([seed, bits]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def _grid_text(values: Sequence[float]) -> str:
+    return ",".join(repr(float(v)) for v in values)
 
 
 def sweep(
@@ -322,16 +338,22 @@ def sweep(
     With ``out`` (``.json`` or ``.csv``) each finished point is appended to the file atomically
     (written to a temporary file, then renamed over it), so an interrupted sweep leaves a valid
     file; running the same sweep again keeps the finished points and computes only the rest.
-    A file holding a different sweep (other specs, n, seed or estimators) is an error.
-    Point i uses its own seed derived from (seed, i), so resumed and uninterrupted sweeps agree.
+    A file holding a different sweep (other specs, n, seed, estimators or grid of values) is an
+    error. The point at value v uses its own seed derived from (seed, v), so resumed and
+    uninterrupted sweeps agree, and a value shared by two grids gets the same numbers in both.
     """
-    from .specs import parse
+    from .specs import parse, variables_used
 
     estimators = list(estimators)
+    values = [float(v) for v in values]
     if not values:
         raise KlestError("no values to sweep", argument="values")
-    if param not in q and param not in p:
-        raise KlestError(f"neither spec mentions the swept variable {param!r}", argument="param")
+    if not all(math.isfinite(v) for v in values):
+        raise KlestError("sweep values must be finite numbers", argument="values")
+    if len(set(values)) != len(values):
+        raise KlestError("sweep values must be distinct", argument="values")
+    if param not in variables_used(q) | variables_used(p):
+        raise KlestError(f"neither spec uses the swept variable {param!r}", argument="param")
     # parse both at the first value now, so that a bad spec fails before any work
     for v in values:
         parse(q, variables={param: v})
@@ -344,12 +366,26 @@ def sweep(
         "param": param,
         "n": n,
         "sweep_seed": seed,
+        "estimators": ",".join(estimators),
+        "grid": _grid_text(values),
     }
     rows: list[dict[str, Any]] = []
     path = Path(out) if out is not None else None
     if path is not None and path.exists():
         rows = read_rows(path)
-        for r in rows:
+        for i, r in enumerate(rows):
+            missing = [k for k in (*config, "value", "estimator") if k not in r]
+            if missing:
+                raise KlestError(
+                    f"{path} is not a sweep file of this version: row {i + 1} has no "
+                    f"{missing[0]!r}; choose another output file or delete it",
+                    argument="out",
+                )
+            if not isinstance(r["value"], (int, float)) or isinstance(r["value"], bool):
+                raise KlestError(
+                    f"{path} is not a sweep file: row {i + 1} has value = {r['value']!r}",
+                    argument="out",
+                )
             for k, want in config.items():
                 if r.get(k) != want:
                     raise KlestError(
@@ -359,7 +395,7 @@ def sweep(
                     )
     done = {(float(r["value"]), r["estimator"]) for r in rows}
     for i, v in enumerate(values):
-        if all((float(v), e) in done for e in estimators):
+        if all((v, e) in done for e in estimators):
             continue
         point = [
             {**config, "value": float(v), **r}
@@ -368,7 +404,7 @@ def sweep(
                 parse(p, variables={param: v}),
                 estimators,
                 n,
-                _point_seed(seed, i),
+                _point_seed(seed, v),
                 workers=workers,
                 progress=progress,
             )
@@ -383,7 +419,16 @@ def sweep(
     return rows
 
 
-SWEEP_KEYS = ("q_template", "p_template", "param", "sweep_seed", "value", *ROW_KEYS)
+SWEEP_KEYS = (
+    "q_template",
+    "p_template",
+    "param",
+    "sweep_seed",
+    "estimators",
+    "grid",
+    "value",
+    *ROW_KEYS,
+)
 
 
 # ------------------------------------------------------------------------ file helpers
@@ -423,17 +468,31 @@ def rows_to_csv(rows: Sequence[dict[str, Any]]) -> str:
 def write_rows_atomic(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     """Write rows (format from the suffix) to a temporary file beside ``path``, then rename."""
     text = rows_to_csv(rows) if path.suffix.lower() == ".csv" else rows_to_json(rows) + "\n"
-    fd, tmp = tempfile.mkstemp(dir=path.parent or ".", prefix=f".{path.name}.", suffix=".tmp")
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent or ".", prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:  # name the user's file, not the temporary one
+        raise OSError(e.errno, e.strerror, str(path)) from None
+    try:
+        # mkstemp creates the file 0o600; give it the mode a plain open() would (0o666 - umask)
+        os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise OSError(e.errno, e.strerror, str(path)) from None
         raise
+
+
+def _umask() -> int:
+    """The process umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _parse_cell(s: str) -> Any:

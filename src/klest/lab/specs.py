@@ -28,10 +28,13 @@ gamma              shape, rate (1)                               shape > 0, rate
 beta               a, b                                          a > 0, b > 0
 uniform            low (0), high (1)                             low < high
 categorical        probs ([p1, ..., pK])                         p >= 0, Σ p = 1
-poisson            rate                                          rate > 0
+poisson            rate                                          0 < rate <= 1e6
 mvnormal (mvn)     loc ([...]), cov ([[...], ...], identity)      cov symmetric positive definite
 mixture            weights ([...]), components ([spec, ...])      weights >= 0, Σ = 1, same kind
 =================  ============================================  ================================
+
+Every number must satisfy |value| <= 1e100 and every positive parameter (scale, df, rate, shape,
+a, b) must be >= 1e-100: beyond these the densities overflow or underflow.
 
 >>> parse("normal(0.1, 1)")
 normal(0.1, 1)
@@ -52,11 +55,14 @@ from klest import KlestError
 
 from . import distributions as D
 
-__all__ = ["FAMILIES", "MAX_DEPTH", "MAX_LENGTH", "SpecError", "parse"]
+__all__ = ["FAMILIES", "MAX_DEPTH", "MAX_LENGTH", "SpecError", "parse", "variables_used"]
 
 MAX_LENGTH = 2000  # characters; longer input is refused before tokenizing
 MAX_DEPTH = 8  # nesting of calls and lists
 PROB_TOL = 1e-9  # |Σ p - 1| allowed for probabilities and mixture weights
+MAX_ABS = 1e100  # |every number|: locations, bounds, covariance entries, parameters
+MIN_POSITIVE = 1e-100  # the smallest scale, rate, df, shape or Beta parameter
+MAX_POISSON_RATE = 1e6  # exact sums enumerate the support, about rate + 12√rate points
 
 
 class SpecError(KlestError):
@@ -87,6 +93,7 @@ class Token:
 
 
 _PUNCT = "()[],="
+_DIGITS = "0123456789"  # ASCII only: str.isdigit() is also true of "²" and "٣"
 
 
 def tokenize(text: str) -> list[Token]:
@@ -105,17 +112,17 @@ def tokenize(text: str) -> list[Token]:
             out.append(Token(c, c, i))
             i += 1
         elif (
-            c.isdigit()
+            c in _DIGITS
             or c == "."
-            or (c in "+-" and i + 1 < n and (text[i + 1].isdigit() or text[i + 1] == "."))
+            or (c in "+-" and i + 1 < n and (text[i + 1] in _DIGITS or text[i + 1] == "."))
         ):
             j = i + 1 if c in "+-" else i
             start_digits = j
-            while j < n and text[j].isdigit():
+            while j < n and text[j] in _DIGITS:
                 j += 1
             if j < n and text[j] == ".":
                 j += 1
-                while j < n and text[j].isdigit():
+                while j < n and text[j] in _DIGITS:
                     j += 1
             if j == start_digits or text[start_digits:j] == ".":
                 raise SpecError("malformed number", text, i)
@@ -123,8 +130,8 @@ def tokenize(text: str) -> list[Token]:
                 k = j + 1
                 if k < n and text[k] in "+-":
                     k += 1
-                if k < n and text[k].isdigit():
-                    while k < n and text[k].isdigit():
+                if k < n and text[k] in _DIGITS:
+                    while k < n and text[k] in _DIGITS:
                         k += 1
                     j = k
                 else:
@@ -422,10 +429,10 @@ class _Builder:
     # ---- values
     def number(self, node: Node, what: str) -> float:
         if isinstance(node, Num):
-            return node.value
+            return self.in_range(node.value, node, what)
         if isinstance(node, Var):
             if node.name in self.variables:
-                return float(self.variables[node.name])
+                return self.in_range(float(self.variables[node.name]), node, what)
             hint = (
                 f" (bound: {', '.join(sorted(self.variables))})"
                 if self.variables
@@ -433,6 +440,11 @@ class _Builder:
             )
             raise self.fail(f"unknown name {node.name!r}{hint}", node.pos)
         raise self.fail(f"{what} must be a number", node.pos)
+
+    def in_range(self, v: float, node: Node, what: str) -> float:
+        if not math.isfinite(v) or abs(v) > MAX_ABS:
+            raise self.fail(f"{what} = {v:g} is out of range (|value| <= {MAX_ABS:g})", node.pos)
+        return v
 
     def vector(self, node: Node, what: str) -> tuple[float, ...]:
         if not isinstance(node, ListNode):
@@ -447,6 +459,14 @@ class _Builder:
             v = self.number(node, what)
             if param.check == "positive" and not v > 0:
                 raise self.fail(f"{what} must be > 0, got {v:g}", node.pos)
+            if param.check == "positive" and v < MIN_POSITIVE:
+                raise self.fail(f"{what} = {v:g} is too small (>= {MIN_POSITIVE:g})", node.pos)
+            if family == "poisson" and v > MAX_POISSON_RATE:
+                raise self.fail(
+                    f"{what} = {v:g} is too large (<= {MAX_POISSON_RATE:g}: exact sums "
+                    "enumerate the support)",
+                    node.pos,
+                )
             return v
         if param.kind == "vector":
             vec = self.vector(node, what)
@@ -519,6 +539,28 @@ class _Builder:
                     raise self.fail("mixture components must have the same dimension", cnode.pos)
             return D.Mixture(tuple(weights), tuple(c for c, _ in comps))
         return FAMILIES[family].build(**kw)
+
+
+def variables_used(text: str) -> set[str]:
+    """The bare names a spec uses as values (its sweep variables).
+
+    >>> sorted(variables_used("mixture([w, 1], [normal(mu, 1), normal()])"))
+    ['mu', 'w']
+    """
+    found: set[str] = set()
+
+    def walk(node: Node) -> None:
+        if isinstance(node, Var):
+            found.add(node.name)
+        elif isinstance(node, ListNode):
+            for it in node.items:
+                walk(it)
+        elif isinstance(node, Call):
+            for arg in node.args:
+                walk(arg.value)
+
+    walk(_Parser(text).spec())
+    return found
 
 
 def parse(text: str, *, variables: dict[str, float] | None = None) -> D.Distribution:
