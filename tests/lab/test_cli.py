@@ -256,6 +256,9 @@ def test_sweep_killed_midway_resumes(tmp_path: Path, sig: signal.Signals) -> Non
         stderr=subprocess.PIPE,
         text=True,
         cwd=tmp_path,
+        # a shell that runs us in the background ignores SIGINT, and the child would inherit
+        # that: give it the default disposition, so that Ctrl-C reaches it as in a terminal
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         _wait_for_rows(out, proc, 3)
