@@ -211,13 +211,23 @@ def _print(text: str) -> None:
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
     from klest.lab.experiments import reproduce
-    from klest.lab.report import format_rows
 
     if args.plot:
         _check_writable("--plot", args.plot, PLOT_SUFFIXES)
-    prog = _Progress(not args.quiet, "reproduce")
+
+    def run(prog: Any) -> Any:
+        return reproduce(args.n, args.seed, workers=args.workers, progress=prog)
+
+    return _run_and_report(args, "reproduce", run)
+
+
+def _run_and_report(args: argparse.Namespace, name: str, run: Any) -> int:
+    """Run with a progress bar (closed whatever happens), print the rows, plot them if asked."""
+    from klest.lab.report import format_rows
+
+    prog = _Progress(not args.quiet, name)
     try:
-        rows = reproduce(args.n, args.seed, workers=args.workers, progress=prog)
+        rows = run(prog)
     finally:
         prog.close()
     _print(format_rows(rows, args.format))
@@ -230,32 +240,18 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     from klest.lab.experiments import DEFAULT_ESTIMATORS, compare
-    from klest.lab.report import format_rows
 
     q = _spec("--q", args.q)
     p = _spec("--p", args.p)
     if args.plot:
         _check_writable("--plot", args.plot, PLOT_SUFFIXES)
 
-    prog = _Progress(not args.quiet, "compare")
-    try:
-        rows = compare(
-            q,
-            p,
-            args.estimators or list(DEFAULT_ESTIMATORS),
-            args.n,
-            args.seed,
-            workers=args.workers,
-            progress=prog,
-        )
-    finally:
-        prog.close()
-    _print(format_rows(rows, args.format))
-    if args.plot:
-        from klest.lab.plots import plot_rows
+    estimators = args.estimators or list(DEFAULT_ESTIMATORS)
 
-        plot_rows(rows, args.plot)
-    return 0
+    def run(prog: Any) -> Any:
+        return compare(q, p, estimators, args.n, args.seed, workers=args.workers, progress=prog)
+
+    return _run_and_report(args, "compare", run)
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
