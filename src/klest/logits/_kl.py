@@ -1,0 +1,280 @@
+r"""Exact full-vocabulary KL between two softmaxes, streamed over row chunks (math.md §6).
+
+With x, y the two (temperature-scaled) logit rows, X = softmax x, Y = softmax y,
+m_x = max x, S_x = Σ e^{x - m_x} (likewise for y):
+
+.. math::
+
+    \mathrm{KL}(X\|Y) = \frac{1}{S_x}\sum_v e^{x_v - m_x}\big((x_v - m_x) - (y_v - m_y)\big)
+                        - \log S_x + \log S_y
+
+(the shifts by the row maxima keep large logits from cancelling). Backward recomputes X and Y
+chunk by chunk from three saved floats per row (lse_x, lse_y, KL):
+∂KL/∂x = X ⊙ (log X − log Y − KL), ∂KL/∂y = Y − X.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from ._rows import Group, Plan, raise_bad_rows
+
+__all__ = ["KLFunction"]
+
+_NEG = -math.inf
+
+
+def lse_from_softmax(m: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """log Σ_v e^{x_v} from the row max m and the softmax p: max_v p_v = 1/Σ e^{x - m} exactly
+    (up to one rounding), so lse = m − log max p. In float64."""
+    return m.to(torch.float64) - torch.log(torch.amax(p, dim=-1).to(torch.float64))
+
+
+def _local_stats(
+    x: torch.Tensor, y: torch.Tensor, bp: torch.Tensor, bq: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """(m_x, m_y, lse_x, lse_y, KL, careful) of one chunk (this shard's part of the vocabulary
+    normalised on its own). ``careful``: some row holds −inf logits (or is all −inf)."""
+    mx = torch.amax(x, dim=-1)
+    my = torch.amax(y, dim=-1)
+    p = torch.softmax(x, -1, out=bp)
+    q = torch.softmax(y, -1, out=bq)
+    lx = lse_from_softmax(mx, p)
+    ly = lse_from_softmax(my, q)
+    d = torch.sub(x, y, out=bq)  # log p − log q = (x − y) − (lse_x − lse_y)
+    d.sub_((lx - ly).to(d.dtype)[:, None])
+    kl = torch.linalg.vecdot(p, d)
+    careful = bool(torch.isnan(kl).any())
+    if careful:
+        # −inf logits: p_v = 0 contributes 0 whatever y_v is; p_v > 0 with y_v = −inf is +inf.
+        # A row that is −inf everywhere (on this shard) has no mass here: it contributes 0.
+        dead = mx == _NEG
+        lx = torch.where(dead, torch.full_like(lx, _NEG), lx)
+        ly = torch.where(my == _NEG, torch.full_like(ly, _NEG), ly)
+        p.masked_fill_(x == _NEG, 0.0)
+        d.masked_fill_(x == _NEG, 0.0)
+        kl = torch.linalg.vecdot(p, d)
+        inf_rows = ((y == _NEG) & (x > _NEG)).any(-1)
+        kl = torch.where(inf_rows, torch.full_like(kl, math.inf), kl)
+        kl = torch.where(dead, torch.zeros_like(kl), kl)
+    return mx, my, lx, ly, kl, careful
+
+
+def merge_kl(
+    every: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Whole-row (lse_x, lse_y, KL) from S disjoint parts of the vocabulary, ``every`` [S, 3, N]
+    holding each part's own (lse_x,s, lse_y,s, KL_s) (each part normalised on its own):
+
+    KL = Σ_s w_s (KL_s + (lse_x,s − lse_x) − (lse_y,s − lse_y)), w_s = e^{lse_x,s − lse_x}."""
+    LX = torch.logsumexp(every[:, 0], 0)
+    LY = torch.logsumexp(every[:, 1], 0)
+    ex = every[:, 0] - LX
+    ey = every[:, 1] - LY
+    w = torch.exp(ex)
+    terms = torch.where(w > 0, w * (every[:, 2] + ex - ey), torch.zeros_like(w))
+    return LX, LY, terms.sum(0)
+
+
+def gather(g: Group, mine: torch.Tensor) -> torch.Tensor:
+    """[world, *mine.shape]: every rank's ``mine`` (one all-gather)."""
+    import torch.distributed as dist
+
+    flat = mine.contiguous().reshape(1, -1)
+    every = torch.empty((g.world, flat.shape[1]), dtype=mine.dtype, device=mine.device)
+    dist.all_gather_into_tensor(every, flat, group=g.handle)
+    return every.view(g.world, *mine.shape)
+
+
+def _combine(
+    lx: torch.Tensor, ly: torch.Tensor, kl: torch.Tensor, g: Group
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Whole-vocabulary (lse_x, lse_y, KL) from every shard's own, and the shard's weights
+    w_x = e^{lse_x,r − lse_x}, w_y (None when the vocabulary is not sharded): one all-gather of
+    3 floats per row."""
+    if g.world == 1:
+        return lx, ly, kl, None, None
+    every = gather(g, torch.stack([lx, ly, kl.to(torch.float64)], 0))
+    LX, LY, KL = merge_kl(every)
+    return LX, LY, KL, torch.exp(lx - LX), torch.exp(ly - LY)
+
+
+class KLFunction(torch.autograd.Function):
+    """KL(softmax(x)‖softmax(y)) per row; (x, y) = (a, b)·inv_t, or (b, a)·inv_t when ``swap``."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        plan: Plan,
+        segs: tuple[list[tuple[int, torch.Tensor]], list[tuple[int, torch.Tensor]]],
+        swap: bool,
+        inv_t: float,
+        g: Group,
+        cdt: torch.dtype,
+    ) -> torch.Tensor:
+        dev = a.device
+        N = plan.n_rows
+        bp, bq = buffers(plan, a.shape[-1], cdt, dev, 2)
+        f64 = torch.float64
+        mx = torch.zeros(N, dtype=cdt, device=dev)
+        my = torch.zeros(N, dtype=cdt, device=dev)
+        lx = torch.zeros(N, dtype=f64, device=dev)
+        ly = torch.zeros(N, dtype=f64, device=dev)
+        kl = torch.zeros(N, dtype=cdt, device=dev)
+        careful = torch.zeros(N, dtype=torch.bool)
+        for c in plan.chunks:
+            lo, hi = c
+            x, y = read_pair(plan, segs, c, cdt, inv_t, swap)
+            n = hi - lo
+            mx[lo:hi], my[lo:hi], lx[lo:hi], ly[lo:hi], kl[lo:hi], care = _local_stats(
+                x, y, bp[:n], bq[:n]
+            )
+            if care:
+                careful[lo:hi] = True
+        names = ("ref_logits", "logits") if swap else ("logits", "ref_logits")
+        raise_bad_rows(names[0], b if swap else a, mx, g)
+        raise_bad_rows(names[1], a if swap else b, my, g)
+        LX, LY, KL, wx, wy = _combine(lx, ly, kl, g)
+        KL = KL.to(f64).clamp_min(0.0)  # ≥ 0 exactly; rounding can leave −1e-8
+        if not plan.all_valid:
+            KL = torch.where(valid_rows(plan, dev), KL, torch.zeros_like(KL))
+        ctx.save_for_backward(a, b, LX, LY, KL)
+        ctx.weights = (wx, wy)
+        ctx.plan, ctx.segs, ctx.swap, ctx.inv_t, ctx.cdt = plan, segs, swap, inv_t, cdt
+        ctx.careful = careful
+        return KL.to(cdt)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        a, b, LX, LY, KL = ctx.saved_tensors
+        plan: Plan = ctx.plan
+        cdt = ctx.cdt
+        wx, wy = ctx.weights
+        need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        ga = grad_buffer(a, plan) if need_a else None
+        gb = grad_buffer(b, plan) if need_b else None
+        gx, gy = (gb, ga) if ctx.swap else (ga, gb)
+        scale = (grad.reshape(-1).to(torch.float64) * ctx.inv_t).to(cdt)
+        shift = (LX - LY + KL).to(cdt)  # log X − log Y − KL = (x − y) − shift
+        inf_rows = torch.isinf(KL)
+        (bp,) = buffers(plan, a.shape[-1], cdt, a.device, 1)
+        for c in plan.chunks:
+            lo, hi = c
+            x, y = read_pair(plan, ctx.segs, c, cdt, ctx.inv_t, ctx.swap)
+            careful = bool(ctx.careful[lo:hi].any())
+            p = softmax_rows(x, bp[: hi - lo], None if wx is None else wx[lo:hi], careful)
+            s = scale[lo:hi, None]
+            if gx is not None:
+                out = target(gx, c, cdt)
+                torch.sub(x, y, out=out)
+                out.sub_(shift[lo:hi, None])
+                if careful:
+                    out.masked_fill_(x == _NEG, 0.0)
+                out.mul_(p).mul_(s)
+                fix_inf_rows(out, inf_rows[lo:hi], s)
+                store(gx, c, out)
+            if gy is not None:
+                out = target(gy, c, cdt)
+                softmax_rows(y, out, None if wy is None else wy[lo:hi], careful)
+                out.sub_(p).mul_(s)
+                fix_inf_rows(out, inf_rows[lo:hi], s)
+                store(gy, c, out)
+        return ga, gb, None, None, None, None, None, None
+
+
+def softmax_rows(
+    x: torch.Tensor, out: torch.Tensor, w: torch.Tensor | None, careful: bool
+) -> torch.Tensor:
+    """softmax(x) into ``out``, times the shard weight w per row; 0 on all −inf rows."""
+    p = torch.softmax(x, -1, out=out)
+    if careful:
+        p.masked_fill_(x == _NEG, 0.0)
+    if w is not None:
+        p.mul_(w.to(p.dtype)[:, None])
+    return p
+
+
+def buffers(
+    plan: Plan, vocab: int, cdt: torch.dtype, dev: torch.device, k: int
+) -> list[torch.Tensor]:
+    rows = max((c[1] - c[0] for c in plan.chunks), default=1)
+    return [torch.empty(rows, vocab, dtype=cdt, device=dev) for _ in range(k)]
+
+
+def valid_rows(plan: Plan, dev: torch.device) -> torch.Tensor:
+    valid = torch.zeros(plan.n_rows, dtype=torch.bool, device=dev)
+    for c0, c1 in plan.chunks:
+        valid[c0:c1] = True
+    return valid
+
+
+def read_pair(
+    plan: Plan,
+    segs: tuple[list[tuple[int, torch.Tensor]], list[tuple[int, torch.Tensor]]],
+    c: tuple[int, int],
+    cdt: torch.dtype,
+    inv_t: float,
+    swap: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chunk's rows of both inputs in the computation dtype, scaled by 1/temperature:
+    (x, y) = (a, b), or (b, a) when ``swap``."""
+    a = scaled(plan.block(segs[0], c), cdt, inv_t)
+    b = scaled(plan.block(segs[1], c), cdt, inv_t)
+    return (b, a) if swap else (a, b)
+
+
+def scaled(block: torch.Tensor, cdt: torch.dtype, inv_t: float) -> torch.Tensor:
+    """``block`` in ``cdt`` times ``inv_t`` (a view when nothing changes; never written to)."""
+    if inv_t == 1.0:
+        return block.to(cdt)
+    return torch.mul(block, inv_t) if block.dtype == cdt else block.to(cdt).mul_(inv_t)
+
+
+def grad_buffer(x: torch.Tensor, plan: Plan) -> torch.Tensor:
+    """The gradient w.r.t. ``x``: contiguous, x's dtype, zero on rows that are not computed."""
+    if plan.all_valid:
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    return torch.zeros(x.shape, dtype=x.dtype, device=x.device)
+
+
+def target(gbuf: torch.Tensor, c: tuple[int, int], cdt: torch.dtype) -> torch.Tensor:
+    """Where a chunk's gradient is computed: the gradient's own rows when the dtypes agree."""
+    rows = gbuf.view(-1, gbuf.shape[-1])[c[0] : c[1]]
+    if gbuf.dtype == cdt:
+        return rows
+    return torch.empty(rows.shape, dtype=cdt, device=rows.device)
+
+
+def store(gbuf: torch.Tensor, c: tuple[int, int], out: torch.Tensor) -> None:
+    rows = gbuf.view(-1, gbuf.shape[-1])[c[0] : c[1]]
+    if out.data_ptr() != rows.data_ptr():
+        rows.copy_(out)
+
+
+def fix_inf_rows(out: torch.Tensor, inf_rows: torch.Tensor, s: torch.Tensor) -> None:
+    """Rows whose value is +inf have no gradient: NaN where the row's upstream gradient is
+    nonzero, 0 where it is 0 (a masked or unused position)."""
+    if bool(inf_rows.any()):
+        fill = torch.where(s == 0, torch.zeros_like(s), torch.full_like(s, math.nan))
+        out.copy_(torch.where(inf_rows[:, None], fill.expand_as(out), out))
+
+
+class InfGuard(torch.autograd.Function):
+    """Identity on values; a value of ±inf passes no gradient back: NaN where its upstream
+    gradient is nonzero, 0 where it is 0 (the same rule as :class:`KLFunction`)."""
+
+    @staticmethod
+    def forward(ctx: Any, v: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(v)
+        return v.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        (v,) = ctx.saved_tensors
+        bad = torch.isinf(v) & (grad != 0)
+        return torch.where(bad, torch.full_like(grad, math.nan), grad)
