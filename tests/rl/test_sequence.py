@@ -1,0 +1,390 @@
+"""klest.rl.sequence_kl: the sequence-level KL and its gradient, proved by exact enumeration.
+
+The autoregressive toy policy of :mod:`klest.lab.gradients` lists every sequence (V^T of them)
+with its prefix rows; the expectation of a per-sequence quantity is a finite sum. Truth is
+computed here, independently, by autograd through the enumerated closed form
+Σ_y π(y) Σ_t m_t (log π(y_t|y_<t) − log π_ref(y_t|y_<t)), in float64, to 1e-10.
+
+Statistical policy (sampled tests): fixed seeds; a sampled mean is compared with its enumerated
+expectation within 4 standard errors (tests/conftest.py's N_SIGMA), the standard error being the
+sample stdev of M independent batch estimates over √M. A gradient is compared through two scalar
+projections (on the exact gradient's direction and on a fixed random direction), each one such
+test. Variances are compared with a relative tolerance of 4·√(2/(M−1)) (the standard error of a
+sample variance of Gaussian-like data).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import klest.rl as rl  # noqa: E402
+from klest import KlestError  # noqa: E402
+from klest.lab.gradients import toy_model  # noqa: E402
+from klest.logits import full_kl  # noqa: E402
+
+F64 = torch.float64
+TOL = 1e-10
+N_SIGMA = 4.0
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one thread is much faster than waking a pool on a shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, tol: float = TOL) -> None:
+    assert torch.allclose(a, b, rtol=0, atol=tol), (a, b, (a - b).abs().max())
+
+
+def _inputs(model, theta):
+    """Per-token inputs of every sequence: logits [N,T,V], logp, ref_logp, old_logp, mask."""
+    logits = theta[model.prefix]
+    lq = torch.log_softmax(logits, -1).gather(-1, model.seqs[..., None]).squeeze(-1)
+    lr = torch.log_softmax(model.ref, -1)[model.prefix, model.seqs]
+    lo = None if model.old is None else torch.log_softmax(model.old, -1)[model.prefix, model.seqs]
+    return logits, lq, lr, lo
+
+
+def _truth(model):
+    """∇θ of the sequence KL(π‖π_ref), autograd of the enumerated closed form."""
+    th = model.theta.clone().requires_grad_(True)
+    lq = torch.log_softmax(th, -1)[model.prefix, model.seqs]
+    lr = torch.log_softmax(model.ref, -1)[model.prefix, model.seqs]
+    kl = (lq.sum(1).exp() * ((lq - lr) * model.mask).sum(1)).sum()
+    (g,) = torch.autograd.grad(kl, th)
+    return float(kl.detach()), g
+
+
+def _expected(model, terms_fn, sampler="pi"):
+    """(E[row sum], E[∇θ row sum]) over every sequence, rows weighted by π (or μ)."""
+    th = model.theta.clone().requires_grad_(True)
+    logits, lq, lr, lo = _inputs(model, th)
+    table = th if sampler == "pi" else model.old
+    prob = torch.log_softmax(table.detach(), -1)[model.prefix, model.seqs].sum(1).exp()
+    rows = terms_fn(logits, lq, lr, lo).sum(1)
+    (g,) = torch.autograd.grad((prob * rows).sum(), th)
+    return float((prob * rows.detach()).sum()), g
+
+
+def _kl(logits, model):
+    return full_kl(logits, model.ref[model.prefix], mask=model.mask)
+
+
+MODELS = [(3, 3, False, 0), (3, 3, True, 1), (2, 4, True, 2)]
+
+
+@pytest.mark.parametrize(("V", "T", "eos", "seed"), MODELS)
+def test_on_policy_estimators_are_exact(V, T, eos, seed):
+    model = toy_model(V, T, distance=1.0, eos=eos, seed=seed)
+    kl_true, g_true = _truth(model)
+    m = model.mask
+    for estimator, kw in (
+        ("k1", {}),
+        ("full", {}),
+        ("mix", {"alpha": 0.3}),
+        ("mix", {"alpha": -1.5}),
+    ):
+
+        def terms(logits, lq, lr, lo, estimator=estimator, kw=kw):
+            kl = _kl(logits, model) if estimator != "k1" else None
+            return rl.sequence_kl(lq, lr, kl=kl, mask=m, estimator=estimator, **kw).terms
+
+        value, grad = _expected(model, terms)
+        assert abs(value - kl_true) < TOL, estimator
+        _close(grad, g_true)
+    # the per-position KL alone (no score term) misses how a token changes the later KLs
+    _, g_path = _expected(model, lambda logits, *_: _kl(logits, model))
+    assert (g_path - g_true).abs().max() > 1e-3
+
+
+def test_full_estimator_with_an_independent_float64_kl():
+    """The same, with the per-position KL written out naively here instead of klest.logits."""
+    model = toy_model(3, 3, eos=True, seed=4)
+    _, g_true = _truth(model)
+
+    def terms(logits, lq, lr, lo):
+        a = torch.log_softmax(logits, -1)
+        b = torch.log_softmax(model.ref[model.prefix], -1)
+        kl = (a.exp() * (a - b)).sum(-1)
+        return rl.sequence_kl(lq, kl=kl, mask=model.mask).terms
+
+    _close(_expected(model, terms)[1], g_true)
+
+
+@pytest.mark.parametrize(("V", "T", "eos", "seed"), MODELS)
+def test_off_policy_per_decision_and_sequence_weights_are_exact(V, T, eos, seed):
+    model = toy_model(V, T, distance=1.0, off_policy=0.8, eos=eos, seed=seed)
+    kl_true, g_true = _truth(model)
+    m = model.mask
+    for estimator in ("k1", "full", "mix"):
+        for weighting in ("per_decision", "sequence"):
+
+            def terms(logits, lq, lr, lo, estimator=estimator, weighting=weighting):
+                kl = _kl(logits, model) if estimator != "k1" else None
+                return rl.sequence_kl(
+                    lq,
+                    lr,
+                    kl=kl,
+                    old_logp=lo,
+                    mask=m,
+                    estimator=estimator,
+                    alpha=0.7,
+                    weighting=weighting,
+                ).terms
+
+            value, grad = _expected(model, terms, sampler="mu")
+            assert abs(value - kl_true) < TOL, (estimator, weighting)
+            _close(grad, g_true)
+    # a weight cap above every weight changes nothing
+    w_max = float(
+        (model.logp(model.theta) - model.logp(model.old)).masked_fill(~m, 0).cumsum(1).exp().max()
+    )
+
+    def capped(cap, weighting="per_decision"):
+        def terms(logits, lq, lr, lo):
+            return rl.sequence_kl(
+                lq,
+                kl=_kl(logits, model),
+                old_logp=lo,
+                mask=m,
+                weighting=weighting,
+                weight_clamp=cap,
+            ).terms
+
+        return _expected(model, terms, sampler="mu")[1]
+
+    _close(capped(w_max * 1.01), g_true)
+
+
+def test_per_token_weights_and_clipping_are_biased():
+    model = toy_model(3, 3, distance=1.0, off_policy=1.0, seed=5)
+    _, g_true = _truth(model)
+    m = model.mask
+
+    def err(**kw):
+        def terms(logits, lq, lr, lo):
+            kl = _kl(logits, model)
+            return rl.sequence_kl(lq, lr, kl=kl, old_logp=lo, mask=m, **kw).terms
+
+        g = _expected(model, terms, sampler="mu")[1]
+        return float((g - g_true).norm() / g_true.norm())
+
+    assert err(estimator="k1", weighting="per_token") > 0.05
+    assert err(estimator="full", weighting="per_token") > 0.05
+    assert err(weight_clamp=1.0) > 1e-3
+    # without any weight (the sampler ignored) it is biased too
+    assert err(estimator="full", weighting="per_token", weight_clamp=1.0) > 0.05
+
+
+def _two_step():
+    """math.md §4: π(a) = 0.5, π_ref(a) = 0.9; after a the policy (almost surely) emits a token
+    with log-ratio 3; after b the policy equals the reference."""
+    big = 60.0  # π(x|a) = 1 - e^{-60}: deterministic to far below the test tolerance
+    logits = torch.tensor(
+        [[[0.0, 0.0], [big, 0.0]], [[0.0, 0.0], [0.3, -0.2]]], dtype=F64
+    )  # rows: y_1 = a, y_1 = b
+    after_a = [0.0, math.log(math.exp(3.0) - 1)]  # π_ref(x|a) = e^{-3}
+    ref = torch.tensor(
+        [[[math.log(9.0), 0.0], after_a], [[math.log(9.0), 0.0], [0.3, -0.2]]], dtype=F64
+    )
+    tokens = torch.tensor([[0, 0], [1, 0]])
+    prob = torch.tensor([0.5, 0.5], dtype=F64)  # π(y) of the two sequences that have mass
+    return logits, ref, tokens, prob
+
+
+def test_two_step_counterexample_full_kl_can_have_more_variance_than_k1():
+    logits, ref, tokens, prob = _two_step()
+    k1 = rl.sequence_kl_from_logits(logits, ref, tokens, estimator="k1").terms.sum(1)
+    full = rl.sequence_kl_from_logits(logits, ref, tokens, estimator="full").terms.sum(1)
+    # closed forms, derived by hand: ℓ_1 = log(0.5/0.9) or log(0.5/0.1); ℓ_2 = 3 or 0;
+    # KL_1 = ½(log(0.5/0.9) + log(0.5/0.1)); KL_2 = 3 or 0
+    la, lb = math.log(0.5 / 0.9), math.log(0.5 / 0.1)
+    kl1 = 0.5 * (la + lb)
+    _close(k1, torch.tensor([la + 3.0, lb], dtype=F64), 1e-12)
+    _close(full, torch.tensor([kl1 + 3.0, kl1], dtype=F64), 1e-12)
+
+    def var(x):
+        mean = (prob * x).sum()
+        return float((prob * (x - mean) ** 2).sum()), float(mean)
+
+    (v1, m1), (vf, mf) = var(k1), var(full)
+    assert m1 == pytest.approx(mf, abs=1e-12) and m1 == pytest.approx(2.011, abs=1e-3)
+    assert v1 == pytest.approx(0.25 * (la + 3 - lb) ** 2, abs=1e-12)  # 0.161
+    assert vf == pytest.approx(0.25 * 9.0, abs=1e-12)  # 2.25
+    assert round(v1, 3) == 0.161 and vf > 10 * v1
+    # the variance-optimal mix does at least as well as the better of the two
+    a = torch.linspace(-1, 2, 301, dtype=F64)
+    mixes = [var(ai * k1 + (1 - ai) * full)[0] for ai in a]
+    assert min(mixes) <= min(v1, vf) + 1e-12
+    # here the two sums are perfectly correlated: the best mix has zero variance
+    assert min(mixes) < 1e-3
+
+
+def _sample_batches(model, B, M, seed, sampler="pi"):
+    g = torch.Generator().manual_seed(seed)
+    table = model.theta if sampler == "pi" else model.old
+    prob = model.seq_logprob(table).exp()
+    return torch.multinomial(prob, B * M, replacement=True, generator=g).reshape(M, B)
+
+
+def _batch_estimates(model, idx, **kw):
+    """Per batch: (value = mean row sum, gradient of the mean row sum) [M], [M, P·V]."""
+    values, grads = [], []
+    for rows in idx:
+        th = model.theta.clone().requires_grad_(True)
+        logits = th[model.prefix[rows]]
+        seqs, m = model.seqs[rows], model.mask[rows]
+        lq = torch.log_softmax(logits, -1).gather(-1, seqs[..., None]).squeeze(-1)
+        lr = torch.log_softmax(model.ref, -1)[model.prefix[rows], seqs]
+        lo = None
+        if model.old is not None and kw.get("sampler") == "mu":
+            lo = torch.log_softmax(model.old, -1)[model.prefix[rows], seqs]
+        kl = full_kl(logits, model.ref[model.prefix[rows]], mask=m)
+        opts = {k: v for k, v in kw.items() if k != "sampler"}
+        out = rl.sequence_kl(lq, lr, kl=kl, old_logp=lo, mask=m, **opts)
+        loss = rl.aggregate(out.terms, m, "seq-mean-token-sum")
+        (gr,) = torch.autograd.grad(loss, th)
+        values.append(float(loss.detach()))
+        grads.append(gr.reshape(-1))
+    return torch.tensor(values, dtype=F64), torch.stack(grads)
+
+
+def _agrees(samples: torch.Tensor, exact: float) -> None:
+    M = samples.shape[0]
+    se = float(samples.std()) / math.sqrt(M)
+    assert abs(float(samples.mean()) - exact) <= N_SIGMA * se + 1e-12, (
+        float(samples.mean()),
+        exact,
+        se,
+    )
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"estimator": "full"},
+        {"estimator": "k1"},
+        {"estimator": "mix"},  # cross-fitted α
+        {"estimator": "mix", "sampler": "mu"},
+        {"estimator": "full", "sampler": "mu"},
+    ],
+)
+def test_sampled_estimates_agree_with_the_enumerated_truth(kw):
+    model = toy_model(3, 3, distance=1.0, off_policy=0.5, eos=True, seed=7)
+    kl_true, g_true = _truth(model)
+    idx = _sample_batches(model, 32, 150, seed=11, sampler=kw.get("sampler", "pi"))
+    values, grads = _batch_estimates(model, idx, **kw)
+    _agrees(values, kl_true)
+    direction = g_true.reshape(-1) / g_true.norm()
+    rand = torch.randn(direction.shape, generator=torch.Generator().manual_seed(3), dtype=F64)
+    for u in (direction, rand / rand.norm()):
+        _agrees(grads @ u, float(g_true.reshape(-1) @ u))
+
+
+def test_cross_fitted_mix_is_never_much_worse_than_the_better_of_the_two():
+    """The two-step example, sampled: the cross-fitted α tracks the optimum, so the mix's value
+    variance is within its sampling error of the better estimator's (here far below both)."""
+    logits, ref, tokens, prob = _two_step()
+    g = torch.Generator().manual_seed(0)
+    B, M = 32, 200
+    rows = torch.multinomial(prob, B * M, replacement=True, generator=g).reshape(M, B)
+    est = {}
+    for name, kw in (("k1", {"estimator": "k1"}), ("full", {}), ("mix", {"estimator": "mix"})):
+        means = []
+        for r in rows:
+            out = rl.sequence_kl_from_logits(logits[r], ref[r], tokens[r], **kw)
+            means.append(out.terms.sum(-1).mean())
+        est[name] = torch.stack(means)  # the batch means [M]
+    v = {k: float(x.var()) for k, x in est.items()}
+    tol = N_SIGMA * math.sqrt(2 / (M - 1))
+    assert v["mix"] <= min(v["k1"], v["full"]) * (1 + tol)
+    for x in est.values():  # all three unbiased
+        _agrees(x, 0.5 * (math.log(0.5 / 0.9) + math.log(5.0)) + 1.5)
+
+
+def test_fit_alpha_matches_the_closed_form_and_is_cross_fitted():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(10, 3, generator=g, dtype=F64)
+    b = a + 0.5 * torch.randn(10, 3, generator=g, dtype=F64)
+    alpha = rl.fit_alpha(a, b, folds=2)
+    for k in range(2):
+        other = torch.arange(10) % 2 != k
+        # minimise Σ_t Var(α a_t + (1 - α) b_t) over the other fold by brute force
+        grid = torch.linspace(-3, 3, 6001, dtype=F64)
+        ao, bo = a[other], b[other]
+        mix = grid[:, None, None] * ao + (1 - grid[:, None, None]) * bo
+        var = (mix - mix.mean(1, keepdim=True)).pow(2).sum((1, 2))
+        best = float(grid[var.argmin()])
+        assert abs(float(alpha[torch.arange(10) % 2 == k][0]) - best) <= 0.001
+    # a row's α never depends on that row
+    a2 = a.clone()
+    a2[0] += 100.0
+    assert float(rl.fit_alpha(a2, b)[0]) == float(alpha[0])
+    # too few rows outside a fold: α = 0 (the full estimator)
+    assert float(rl.fit_alpha(a[:2], b[:2]).abs().max()) == 0.0
+
+
+def test_value_is_the_per_position_estimate_and_masked_tokens_are_zero():
+    logp = torch.tensor([[-0.7, -0.2, -5.0]], dtype=F64, requires_grad=True)
+    ref = torch.tensor([[-0.9, -0.1, 3.0]], dtype=F64)
+    kl = torch.tensor([[0.3, 0.5, float("nan")]], dtype=F64, requires_grad=True)
+    mask = torch.tensor([[True, True, False]])
+    out = rl.sequence_kl(logp, ref, kl=kl, mask=mask, estimator="mix", alpha=0.25)
+    _close(
+        out.terms.detach(),
+        torch.tensor([[0.25 * 0.2 + 0.75 * 0.3, 0.25 * -0.1 + 0.75 * 0.5, 0]], dtype=F64),
+    )
+    out.terms.sum().backward()
+    # d/dlogp: 0.25·(ℓ_1 + ℓ_2, ℓ_2) + 0.75·(KL_2, 0); d/dkl: 0.75 on valid tokens
+    _close(logp.grad, torch.tensor([[0.25 * 0.1 + 0.75 * 0.5, 0.25 * -0.1, 0]], dtype=F64))
+    _close(kl.grad, torch.tensor([[0.75, 0.75, 0]], dtype=F64))
+    assert out.alpha is not None and float(out.alpha[0]) == 0.25
+
+
+def test_from_logits_equals_the_per_token_form():
+    model = toy_model(3, 3, off_policy=0.5, seed=1)
+    logits, lq, lr, lo = _inputs(model, model.theta)
+    a = rl.sequence_kl_from_logits(logits, model.ref[model.prefix], model.seqs, old_logp=lo)
+    b = rl.sequence_kl(lq, lr, kl=_kl(logits, model), old_logp=lo)
+    _close(a.terms, b.terms, 1e-12)
+
+
+def test_bad_input():
+    x = torch.zeros(2, 3)
+    with pytest.raises(KlestError, match="estimator"):
+        rl.sequence_kl(x, x, kl=x, estimator="k3")  # type: ignore[arg-type]
+    with pytest.raises(KlestError, match="needs kl"):
+        rl.sequence_kl(x, x)
+    with pytest.raises(KlestError, match="needs ref_logp"):
+        rl.sequence_kl(x, kl=x, estimator="k1")
+    with pytest.raises(KlestError, match="shape"):
+        rl.sequence_kl(x, kl=torch.zeros(2, 4))
+    with pytest.raises(KlestError, match="weighting"):
+        rl.sequence_kl(x, kl=x, weighting="tis")  # type: ignore[arg-type]
+    with pytest.raises(KlestError, match=">= 1"):
+        rl.sequence_kl(x, kl=x, old_logp=x, weight_clamp=0.5)
+    with pytest.raises(KlestError, match="folds"):
+        rl.fit_alpha(x, x, folds=1)
+
+
+def test_dtypes_and_padding_that_holds_anything():
+    logp = torch.tensor([[-0.7, -0.2, -float("inf")]], dtype=torch.bfloat16, requires_grad=True)
+    ref = torch.tensor([[-0.9, -0.1, float("nan")]], dtype=torch.bfloat16)
+    kl = torch.tensor([[0.3, 0.5, float("inf")]], requires_grad=True)
+    old = torch.tensor([[-0.6, -0.3, float("nan")]], dtype=torch.bfloat16)
+    mask = torch.tensor([[1, 1, 0]])
+    out = rl.sequence_kl(logp, ref, kl=kl, old_logp=old, mask=mask, estimator="mix", alpha=0.5)
+    assert out.terms.dtype == torch.float32
+    assert torch.isfinite(out.terms).all() and float(out.terms.detach()[0, 2]) == 0.0
+    out.terms.sum().backward()
+    assert logp.grad is not None and logp.grad.dtype == torch.bfloat16
+    assert torch.isfinite(logp.grad.float()).all() and float(logp.grad[0, 2]) == 0.0
+    assert kl.grad is not None and torch.isfinite(kl.grad).all() and float(kl.grad[0, 2]) == 0.0
