@@ -11,7 +11,7 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.demo-installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e ".[lab]"
+	$(BIN)/python -m pip install --quiet -e ".[lab,fast]"
 	touch $@
 
 $(VENV)/.test-installed: pyproject.toml requirements-test.txt | $(BIN)/python

@@ -6,11 +6,14 @@ written in a subprocess; its own ``seconds:`` line times its computation alone (
 klest's side is timed in this process around the same computation (engine only, imports done).
 
 Prints:
-  * compute time, median of --repeats runs each: klest (one set of draws from q serves both
-    shifts, as ``klest reproduce`` does), klest with independent draws per shift, the snippet,
-    and the ratios;
+  * the CPU, NumPy's SIMD kernels and whether klest[fast] (numba) is installed;
+  * compute time, median of --repeats interleaved rounds (each round runs every contender once,
+    so that load on a shared machine hits all alike): klest with its compiled kernels (one set of
+    draws from q serves both shifts, as ``klest reproduce`` does), the same with the kernels off
+    (pure NumPy, ``klest.options(fast=False)``), klest with independent draws per shift, the
+    snippet, and the ratios against the targets (>= 8x with klest[fast], >= 5x without);
   * peak resident memory (ru_maxrss of a fresh child) of ``python -m klest reproduce`` and of
-    the snippet, and their ratio.
+    the snippet, and their ratio (target <= 1/4).
   * with --huge N: time and peak memory of ``klest compare`` at N samples (e.g. 1e9).
 
 Usage: python benchmarks/bench_lab.py [--repeats 5] [--n 10000000] [--huge 1e9]
@@ -33,16 +36,18 @@ SHIFTS = ("normal(0.1, 1)", "normal(1, 1)")
 ESTIMATORS = ["k1", "k2", "k3"]
 
 
-def klest_seconds(n: int, seed: int, *, shared: bool) -> float:
+def klest_seconds(n: int, seed: int, *, shared: bool, fast: bool = True) -> float:
+    import klest
     from klest.lab.engine import run, run_many
 
-    start = time.perf_counter()
-    if shared:
-        run_many("normal(0, 1)", list(SHIFTS), ESTIMATORS, n, seed)
-    else:
-        for p in SHIFTS:
-            run("normal(0, 1)", p, ESTIMATORS, n, seed)
-    return time.perf_counter() - start
+    with klest.options(fast=fast):
+        start = time.perf_counter()
+        if shared:
+            run_many("normal(0, 1)", list(SHIFTS), ESTIMATORS, n, seed)
+        else:
+            for p in SHIFTS:
+                run("normal(0, 1)", p, ESTIMATORS, n, seed)
+        return time.perf_counter() - start
 
 
 def snippet_seconds(n: int, seed: int) -> float:
@@ -87,21 +92,36 @@ def main() -> None:
     if not SNIPPET.exists():
         sys.exit(f"baseline not found: {SNIPPET}")
 
+    from _platform import describe, fast_status
+
     import klest.lab.engine  # noqa: F401  (imports outside the timed region)
 
-    klest_seconds(100_000, args.seed, shared=True)  # warm-up: thread pool, page faults
-    shared = [klest_seconds(args.n, args.seed, shared=True) for _ in range(args.repeats)]
-    separate = [klest_seconds(args.n, args.seed, shared=False) for _ in range(args.repeats)]
-    seed_way = [snippet_seconds(args.n, args.seed) for _ in range(args.repeats)]
-    t_shared, t_sep, t_seed = map(statistics.median, (shared, separate, seed_way))
-    print(f"work: 2 shifts x {args.n:,} samples, k1/k2/k3; medians of {args.repeats} runs")
-    print(f"  klest (draws shared by both shifts) : {t_shared:.3f} s")
-    print(f"  klest (independent draws per shift) : {t_sep:.3f} s")
-    print(f"  seed snippet (eager torch)          : {t_seed:.3f} s")
-    print(
-        f"compute-time ratio (snippet / klest): {t_seed / t_shared:.1f}x "
-        f"({t_seed / t_sep:.1f}x with independent draws)"
-    )
+    print(describe())
+    # warm-up: thread pool, page faults, and the kernels' compilation (or its on-disk cache)
+    klest_seconds(100_000, args.seed, shared=True)
+    klest_seconds(100_000, args.seed, shared=True, fast=False)
+    has_fast = fast_status().endswith("used")
+    runs: dict[str, list[float]] = {"fast": [], "numpy": [], "separate": [], "snippet": []}
+    for _ in range(args.repeats):  # interleaved rounds
+        if has_fast:
+            runs["fast"].append(klest_seconds(args.n, args.seed, shared=True))
+        runs["numpy"].append(klest_seconds(args.n, args.seed, shared=True, fast=False))
+        runs["separate"].append(klest_seconds(args.n, args.seed, shared=False))
+        runs["snippet"].append(snippet_seconds(args.n, args.seed))
+    med = {k: statistics.median(v) for k, v in runs.items() if v}
+    t_seed = med["snippet"]
+    t_shared = med.get("fast", med["numpy"])
+    t_sep = med["separate"]
+    print(f"work: 2 shifts x {args.n:,} samples, k1/k2/k3; medians of {args.repeats} rounds")
+    if has_fast:
+        print(f"  klest, compiled kernels (shared draws): {med['fast']:.3f} s")
+    print(f"  klest, pure NumPy (shared draws)      : {med['numpy']:.3f} s")
+    print(f"  klest, default, independent draws     : {t_sep:.3f} s")
+    print(f"  seed snippet (eager torch)            : {t_seed:.3f} s")
+    if has_fast:
+        print(f"RATIO snippet / klest[fast] = {t_seed / med['fast']:.1f}x (target >= 8)")
+    print(f"RATIO snippet / klest pure NumPy = {t_seed / med['numpy']:.1f}x (target >= 5)")
+    print(f"  (independent draws per shift: {t_seed / t_sep:.1f}x)")
 
     rss_klest, wall_klest = peak_rss_mib(
         [sys.executable, "-m", "klest", "reproduce", "--n", str(args.n), "--quiet"]
@@ -110,7 +130,7 @@ def main() -> None:
     print("peak resident memory, whole process:")
     print(f"  klest reproduce (5 estimators) : {rss_klest:.0f} MiB ({wall_klest:.2f} s wall)")
     print(f"  seed snippet                   : {rss_seed:.0f} MiB ({wall_seed:.2f} s wall)")
-    print(f"memory ratio (klest / snippet): {rss_klest / rss_seed:.2f}")
+    print(f"RATIO peak memory klest / snippet = {rss_klest / rss_seed:.2f} (target <= 0.25)")
 
     if args.huge:
         n = int(args.huge)
@@ -136,6 +156,8 @@ def main() -> None:
         json.dumps(
             {
                 "klest_s": t_shared,
+                "klest_fast_s": med.get("fast"),
+                "klest_numpy_s": med["numpy"],
                 "klest_separate_s": t_sep,
                 "snippet_s": t_seed,
                 "klest_rss_mib": rss_klest,

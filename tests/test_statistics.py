@@ -137,7 +137,7 @@ def test_f_divergence_family_unbiased(mu):
     }
     for name, truth in truths.items():
         values = klest.fdiv(log_ratio=L, divergence=name)
-        r = klest.estimate(log_ratio=L, estimator=name)
+        r = klest.estimate(log_ratio=L, estimator=f"fdiv:{name}")
         assert r.mean == pytest.approx(values.mean(), rel=1e-12)
         se = values.std(ddof=1) / math.sqrt(N)
         assert abs(r.mean - truth) <= N_SIGMA * se, name

@@ -1,31 +1,29 @@
 r"""Reductions: streaming moments (Welford/Chan) and the one-call :func:`estimate`.
 
-For NumPy input reduced over all axes, :func:`estimate` streams the samples in cache-sized chunks:
-each chunk's values are computed in float64 (whatever the input dtype), its mean and centred sum of
-squares are taken exactly (two passes over a chunk that is already in cache), and chunks are merged
-with Chan's parallel formula. Memory does not grow with n beyond the input, and the result does not
-depend on the number of threads (the work is cut into fixed blocks, merged in order).
-Other backends, or a reduction over one axis, use the array namespace with float64 accumulation
-where the backend has float64.
+NumPy input (every estimator, every ``axis``, masks) goes through the streaming engine
+(:mod:`klest._stream`): cache-sized chunks whose values are computed in float64 whatever the input
+dtype, reduced exactly and merged with Chan's formula. Memory does not grow with n beyond the
+input, and the result does not depend on the number of threads. Other backends use the array
+namespace with float64 accumulation where the backend has float64.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import array_api_compat
 import numpy as np
 
-from . import _numerics as nm
-from ._backend import Array, as_float, check_log_ratio_values, clamp_counted, namespace
+from . import _stream
+from ._backend import Array, as_float, clamp_counted, is_traced, namespace
 from ._backend import log_ratio as _prepare
 from ._config import get_options
-from .divergences import FDivergence, get_divergence
+from .divergences import FDivergence
 from .errors import KlestError
+from .table import Estimator, get_estimator, known_estimator_names
 
 __all__ = ["Estimate", "Moments", "estimate", "estimator_names", "per_sample"]
 
@@ -51,29 +49,16 @@ class Moments:
 
     def merge(self, other: Moments) -> Moments:
         """Chan et al.'s pairwise update: exact for means and centred sums of squares."""
-        if other.n == 0:
-            return self
-        if self.n == 0:
-            return other
-        n = self.n + other.n
-        delta = other.mean - self.mean
-        mean = self.mean + delta * (other.n / n)
-        m2 = self.m2 + other.m2 + delta * delta * (self.n * other.n / n)
-        return Moments(n, mean, m2)
+        p = _stream.Partial(self.n, self.mean, self.m2).merge(
+            _stream.Partial(other.n, other.mean, other.m2)
+        )
+        return Moments(p.n, p.mean, p.m2)
 
     @staticmethod
     def combine(ns: np.ndarray, means: np.ndarray, m2s: np.ndarray) -> Moments:
         """Merge many partial moments at once (the vectorised form of :meth:`merge`)."""
-        ns = np.asarray(ns, dtype=np.float64)
-        keep = ns > 0
-        ns, means, m2s = ns[keep], np.asarray(means)[keep], np.asarray(m2s)[keep]
-        if ns.size == 0:
-            return Moments()
-        n = float(ns.sum())
-        mean = float(np.dot(ns, means) / n)
-        d = means - mean
-        m2 = float(m2s.sum() + np.dot(ns, d * d))
-        return Moments(n, mean, m2)
+        n, mean, m2 = _stream.combine(ns, means, m2s)
+        return Moments(n, mean, m2) if n > 0 else Moments()
 
     def var(self, ddof: int = 1) -> float:
         if self.n - ddof <= 0:
@@ -92,96 +77,97 @@ class Estimate(NamedTuple):
 
     ``mean``: the estimate (average of the per-sample values). ``std``: the per-sample standard
     deviation (ddof as requested, 1 by default), *not* the error of the mean. ``stderr``: the Monte
-    Carlo standard error of the mean, std/√n. ``n``: the number of samples used (after the mask).
-    ``n_clamped``: elements changed by ``clamp`` (0 when no clamp was asked for).
+    Carlo standard error of the mean, std/√n. ``n``: the number of samples used (after the masks):
+    a Python ``int`` for a full reduction, an integer array of the reduced shape otherwise.
+    ``n_clamped``: elements (among the used ones) changed by ``clamp``, 0 without a clamp.
+    For a full reduction ``mean``/``std``/``stderr`` are NumPy float64 scalars (0-d arrays of the
+    input's library on other backends); otherwise arrays of the reduced shape.
     """
 
-    mean: Any
-    std: Any
-    stderr: Any
-    n: Any
-    n_clamped: Any = 0
+    mean: Array
+    std: Array
+    stderr: Array
+    n: int | Array
+    n_clamped: int | Array = 0
 
 
 # --------------------------------------------------------------------------- estimators
 _PerSample = Callable[[Any, Array], Array]
-
-_BUILTIN: dict[str, _PerSample] = {
-    "k1": lambda xp, L: -L,
-    "k2": lambda xp, L: L * L / 2,
-    "k3": nm.expm1mx,
-    "forward_k1": nm.xlogx,
-    "forward_k3": nm.lexpl_mexpm1,
-}
+Axis = int | tuple[int, ...] | None
 
 
 def estimator_names() -> list[str]:
-    """Names accepted by ``estimate(..., estimator=...)`` (plus ``"alpha:<α>"``)."""
+    """Names accepted by ``estimate(..., estimator=...)``: the table's canonical names
+    (built-ins, registered estimators, ``fdiv:<divergence>``), plus ``fdiv:alpha:<α>``, and the
+    bare divergence names accepted as aliases of their ``fdiv:`` form."""
+    from .table import get_estimator as lookup
+
+    aliases = []
     from .divergences import divergence_names
 
-    return sorted([*_BUILTIN, "k_opt", "k_opt_crossfit", *divergence_names()])
-
-
-def per_sample(estimator: str | FDivergence | Callable[..., Array]) -> tuple[str, _PerSample]:
-    """Resolve an estimator to ``(name, fn)`` with ``fn(xp, L)`` giving per-sample values."""
-    from . import estimators as est
-
-    if callable(estimator) and not isinstance(estimator, FDivergence):
-        by_function = {
-            est.k1: "k1",
-            est.k2: "k2",
-            est.k3: "k3",
-            est.forward_k1: "forward_k1",
-            est.forward_k3: "forward_k3",
-        }
-        if estimator is est.k_opt:
-            raise KlestError(
-                "pass estimator='k_opt' (or 'k_opt_crossfit'): λ is fitted over the whole "
-                "reduction, which a per-sample callable cannot do",
-                argument="estimator",
-            )
-        if estimator in by_function:
-            name = by_function[estimator]
-            return name, _BUILTIN[name]
-        user = estimator
-        return getattr(user, "__name__", "custom"), lambda xp, L: user(log_ratio=L)
-    if isinstance(estimator, str) and estimator in _BUILTIN:
-        return estimator, _BUILTIN[estimator]
-    if isinstance(estimator, (str, FDivergence)):
+    for d in divergence_names():
         try:
-            div = get_divergence(estimator)
+            lookup(d)
         except KlestError:
-            raise KlestError(
-                f"unknown estimator {estimator!r}; known: {', '.join(estimator_names())}",
-                argument="estimator",
-            ) from None
-        return div.name, div.corrected
-    raise KlestError(
-        "expected an estimator name, an FDivergence or a callable",
-        argument="estimator",
-        value=estimator,
-    )
+            continue  # confusable with an estimator's name: only the fdiv: form is accepted
+        aliases.append(d)
+    return [*known_estimator_names(), *aliases]
+
+
+def per_sample(
+    estimator: str | FDivergence | Estimator | Callable[..., Array],
+) -> tuple[str, _PerSample]:
+    """Resolve a per-sample estimator to ``(name, fn)`` with ``fn(xp, L)`` giving its values."""
+    rec = get_estimator(estimator)
+    return rec.name, rec.values
+
+
+def _normalise_axis(axis: Any, ndim: int) -> tuple[int, ...] | None:
+    """None, or the sorted distinct non-negative axes an int or a tuple of ints names."""
+    if axis is None:
+        return None
+    items = axis if isinstance(axis, tuple) else (axis,)
+    if not items or any(
+        isinstance(a, (bool, np.bool_)) or not isinstance(a, (int, np.integer)) for a in items
+    ):
+        raise KlestError(
+            f"axis must be None, an int or a non-empty tuple of ints, got {axis!r}",
+            argument="axis",
+        )
+    out = []
+    for a in items:
+        if not -ndim <= int(a) < ndim:
+            raise KlestError(f"axis {a} is out of range for {ndim}-d samples", argument="axis")
+        out.append(int(a) % ndim)
+    if len(set(out)) != len(out):
+        raise KlestError(f"axis {axis!r} repeats an axis", argument="axis")
+    return tuple(sorted(out))
 
 
 # ---------------------------------------------------------------------------- estimate
 def estimate(
     logq: Array = None,
     logp: Array = None,
-    estimator: str | FDivergence | Callable[..., Array] = "k3",
+    estimator: str | FDivergence | Estimator | Callable[..., Array] = "k3",
     *,
     log_ratio: Array = None,
-    axis: int | None = None,
+    axis: Axis = None,
     mask: Array = None,
     clamp: Any = None,
     ddof: int = 1,
 ) -> Estimate:
     r"""Estimate a divergence from samples of q: mean, per-sample stdev, standard error and n.
 
-    ``estimator`` is a name (``klest.estimator_names()``: k1, k2, k3, forward_k1, forward_k3,
-    k_opt, k_opt_crossfit, every registered f-divergence, ``"alpha:<α>"``), an
+    ``estimator`` is a name from the estimator table (``klest.estimator_names()``: k1, k2, k3,
+    forward_k1, forward_k3, k_opt, k_opt_crossfit, registered ones, ``"fdiv:<divergence>"`` such
+    as ``"fdiv:chi2"`` or ``"fdiv:alpha:0.5"``), a :class:`klest.Estimator`, an
     :class:`FDivergence`, or a callable accepting ``log_ratio=``. ``axis=None`` reduces everything
-    and returns scalars; an int reduces that axis. ``mask`` (bool or 0/1, broadcastable) keeps the
-    samples where it is true. float32 and lower inputs are accumulated in float64.
+    and returns scalars; an int or a tuple of ints reduces those axes. ``mask`` (bool or 0/1,
+    broadcastable) keeps the samples where it is true; the mask of a ``numpy.ma`` array is
+    honoured too (its masked entries are neither used nor validated), combined with ``mask``.
+    Values are computed and accumulated in float64 for NumPy input of any floating dtype
+    (``np.longdouble`` input is computed in float64: precision beyond float64 is not used).
+    With NumPy the samples are streamed: extra memory does not grow with their number.
 
     >>> import numpy as np, klest
     >>> rng = np.random.default_rng(0)
@@ -191,34 +177,44 @@ def estimate(
     >>> round(float(r.mean), 3), round(float(r.std / 0.5), 2)   # true KL 0.5, stdev/KL 1.695
     (0.5, 1.7)
     """
-    if ddof < 0:
-        raise KlestError(f"ddof must be >= 0, got {ddof}", argument="ddof")
+    if isinstance(ddof, bool) or not isinstance(ddof, (int, np.integer)) or ddof < 0:
+        raise KlestError(f"ddof must be an integer >= 0, got {ddof!r}", argument="ddof")
     if log_ratio is not None and (logq is not None or logp is not None):
         raise KlestError("pass either (logq, logp) or log_ratio, not both", argument="log_ratio")
-    name = estimator if isinstance(estimator, str) else None
-    label, fn = per_sample(estimator) if name not in _FITTED else (name, None)
-    xp, arrays = namespace(logq=logq, logp=logp, log_ratio=log_ratio)
-    if (
-        axis is None
-        and fn is not None
-        and array_api_compat.is_numpy_namespace(xp)
-        and (log_ratio is not None or (logq is not None and logp is not None))
-    ):
-        return _estimate_numpy(arrays, label, fn, mask, clamp, ddof)
-    from .estimators import _axes, _weights, k_opt
+    rec = get_estimator(estimator)
+    xp, _ = namespace(logq=logq, logp=logp, log_ratio=log_ratio)
+    if array_api_compat.is_numpy_namespace(xp):
+        return _estimate_numpy(rec, logq, logp, log_ratio, axis, mask, clamp, int(ddof))
+    return _estimate_generic(rec, logq, logp, log_ratio, axis, mask, clamp, int(ddof))
+
+
+def _estimate_generic(
+    rec: Estimator,
+    logq: Array,
+    logp: Array,
+    log_ratio: Array,
+    axis: Axis,
+    mask: Array,
+    clamp: Any,
+    ddof: int,
+) -> Estimate:
+    from .estimators import _weights, k_opt
 
     xp, L, _ = _prepare(logq, logp, log_ratio)
-    axes = _axes(axis, L.ndim)
+    axes = _normalise_axis(axis, L.ndim)
     w = _weights(xp, L, mask)
     L, n_clamped = clamp_counted(xp, L, clamp, keep=w > 0)
-    if fn is None:  # the optimal control variate: λ fitted along the reduced axis
-        values = k_opt(log_ratio=L, axis=axis, mask=mask, cross_fit=label == "k_opt_crossfit")
+    if rec.batch:
+        if axes is not None and len(axes) > 1:
+            raise KlestError(
+                f"{rec.name} over several axes is supported for NumPy arrays only",
+                argument="axis",
+            )
+        one = None if axes is None else axes[0]
+        values = k_opt(log_ratio=L, axis=one, mask=mask, cross_fit=rec.cross_fit)
     else:
-        values = fn(xp, L)
+        values = rec.values(xp, L)
     return _reduce(xp, values, w, axes, ddof, n_clamped)
-
-
-_FITTED = ("k_opt", "k_opt_crossfit")
 
 
 def _reduce(
@@ -229,14 +225,13 @@ def _reduce(
     w = xp.astype(w, acc)
     keep = w > 0
     v = xp.where(keep, v, xp.zeros_like(v))
-    n = xp.sum(w, axis=axes)
+    n = xp.sum(w, axis=axes, keepdims=True)
     n_safe = xp.where(n > 0, n, xp.ones_like(n))
-    mean = xp.sum(v, axis=axes) / n_safe
+    mean = xp.sum(v, axis=axes, keepdims=True) / n_safe
     # centre on a finite mean (an infinite one gets an infinite spread below, without inf - inf)
-    finite_mean = xp.where(xp.isfinite(mean), mean, xp.zeros_like(mean))
-    shift = finite_mean if axes is None else xp.expand_dims(finite_mean, axis=axes[0])
+    shift = xp.where(xp.isfinite(mean), mean, xp.zeros_like(mean))
     centred = xp.where(keep & xp.isfinite(v), v - shift, xp.zeros_like(v))
-    m2 = xp.sum(centred * centred, axis=axes)
+    m2 = xp.sum(centred * centred, axis=axes, keepdims=True)
     nan = xp.full_like(mean, math.nan)
     dof = n - ddof
     var = xp.where(dof > 0, m2 / xp.where(dof > 0, dof, xp.ones_like(dof)), nan)
@@ -246,7 +241,16 @@ def _reduce(
     mean = xp.where(n > 0, mean, nan)
     std = xp.sqrt(var)
     stderr = std / xp.sqrt(n_safe)
-    return Estimate(mean, std, stderr, n, n_clamped)
+    shape = tuple(s for i, s in enumerate(v.shape) if axes is not None and i not in axes)
+    mean, std, stderr, n = (xp.reshape(a, shape) for a in (mean, std, stderr, n))
+    if axes is None and not is_traced(n):
+        return Estimate(mean, std, stderr, int(n), _as_int(n_clamped))
+    int_dtype = xp.int64 if acc == xp.float64 else xp.int32
+    return Estimate(mean, std, stderr, xp.astype(n, int_dtype), _as_int(n_clamped))
+
+
+def _as_int(count: Any) -> Any:
+    return count if is_traced(count) else int(count)
 
 
 def _accumulation_dtype(xp: Any) -> Any:
@@ -264,195 +268,103 @@ def _has_float64(xp: Any) -> bool:
 
 
 # ------------------------------------------------------------------ numpy streaming path
-CHUNK = 1 << 16  # elements per chunk: float64 work buffers of 512 KiB stay in cache
-BLOCK = 1 << 21  # elements per unit of parallel work (fixed, so results ignore thread count)
-_pool: ThreadPoolExecutor | None = None
-_ROW = 8192  # BLAS dot below OpenBLAS's threading threshold: no helper threads left spinning
+def _numpy_source(name: str, a: Any) -> tuple[np.ndarray, np.ndarray | None]:
+    """The data of one input (no copy) and its np.ma mask (None without one)."""
+    ma_mask: np.ndarray | None = None
+    if isinstance(a, np.ma.MaskedArray):
+        m = np.ma.getmask(a)
+        ma_mask = None if m is np.ma.nomask else np.asarray(m)
+        a = a.data
+    arr = np.asarray(a)
+    if not np.issubdtype(arr.dtype, np.floating):
+        import array_api_compat.numpy as npx
 
-
-def _sum_of_squares(v: np.ndarray) -> float:
-    """Σ v², by single-threaded BLAS dots over rows (our own threads do the parallel work)."""
-    rows = v.size // _ROW
-    head = rows * _ROW
-    total = 0.0
-    if rows:
-        block = v[:head].reshape(rows, _ROW)
-        total = float(np.vecdot(block, block).sum())
-    if head < v.size:
-        tail = v[head:]
-        total += float(np.einsum("i,i->", tail, tail))
-    return total
-
-
-def _executor(threads: int) -> ThreadPoolExecutor:
-    global _pool
-    if _pool is None or _pool._max_workers != threads:
-        if _pool is not None:
-            _pool.shutdown(wait=False)
-        _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="klest")
-    return _pool
+        as_float(npx, name, arr)  # raises with the library's message
+    return arr, ma_mask
 
 
 def _estimate_numpy(
-    arrays: dict[str, np.ndarray], label: str, fn: _PerSample, mask: Array, clamp: Any, ddof: int
+    rec: Estimator,
+    logq: Array,
+    logp: Array,
+    log_ratio: Array,
+    axis: Axis,
+    mask: Array,
+    clamp: Any,
+    ddof: int,
 ) -> Estimate:
-    import array_api_compat.numpy as npx
-
     from ._backend import _clamp_bounds
+    from .table import fast_kernel
 
-    lr = arrays.get("log_ratio")
-    if lr is not None:
-        srcs = [as_float(npx, "log_ratio", np.asarray(lr))]
+    if log_ratio is not None:
+        named = {"log_ratio": log_ratio}
     else:
-        lq = as_float(npx, "logq", np.asarray(arrays["logq"]))
-        lp = as_float(npx, "logp", np.asarray(arrays["logp"]))
-        try:
-            shape = np.broadcast_shapes(lq.shape, lp.shape)
-        except ValueError:
+        if logq is None or logp is None:
+            missing = "logq" if logq is None else "logp"
             raise KlestError(
-                f"shape {lp.shape} does not broadcast with logq's shape {lq.shape}",
-                argument="logp",
-                value=lp,
-            ) from None
-        srcs = [np.broadcast_to(lp, shape), np.broadcast_to(lq, shape)]
-    shape = srcs[0].shape
-    flat = [np.ascontiguousarray(s).reshape(-1) for s in srcs]
-    m = None
+                "both logq and logp are required (or pass log_ratio=)", argument=missing
+            )
+        named = {"logp": logp, "logq": logq}
+    arrays: list[np.ndarray] = []
+    ma_masks: list[np.ndarray] = []
+    for name, a in named.items():
+        arr, m = _numpy_source(name, a)
+        arrays.append(arr)
+        if m is not None:
+            ma_masks.append(m)
+    try:
+        shape = np.broadcast_shapes(*(a.shape for a in arrays))
+    except ValueError:
+        raise KlestError(
+            f"shape {arrays[0].shape} does not broadcast with logq's shape {arrays[1].shape}",
+            argument="logp",
+            value=arrays[0],
+        ) from None
+    sources = [np.broadcast_to(a, shape) for a in arrays]
+    masks: list[np.ndarray] = []
     if mask is not None:
-        m_arr = np.asarray(mask)
-        if m_arr.dtype != np.bool_:
-            if not (
-                np.issubdtype(m_arr.dtype, np.integer) or np.issubdtype(m_arr.dtype, np.floating)
-            ):
-                raise KlestError("mask must be boolean or 0/1", argument="mask", value=m_arr)
-            if get_options().validate and np.any((m_arr != 0) & (m_arr != 1)):
-                raise KlestError(
-                    "must hold only 0 and 1 (or be boolean)", argument="mask", value=m_arr
-                )
-            m_arr = m_arr != 0
+        m_arr = mask.data if isinstance(mask, np.ma.MaskedArray) else np.asarray(mask)
+        if not (
+            m_arr.dtype == np.bool_
+            or np.issubdtype(m_arr.dtype, np.integer)
+            or np.issubdtype(m_arr.dtype, np.floating)
+        ):
+            raise KlestError("mask must be boolean or 0/1", argument="mask", value=m_arr)
         try:
-            m = np.ascontiguousarray(np.broadcast_to(m_arr, shape)).reshape(-1)
+            masks.append(np.broadcast_to(m_arr, shape))
         except ValueError:
             raise KlestError(
                 f"does not broadcast to the samples' shape {shape}", argument="mask", value=m_arr
             ) from None
-    bounds = _clamp_bounds(clamp) if clamp is not None else None
-    fast = (
-        label
-        if (label in ("k1", "k2", "k3") and all(f.dtype == np.float32 for f in flat))
-        else None
-    )
-
-    size = flat[0].size
-    starts = range(0, size, BLOCK)
+    ma = [np.broadcast_to(m, shape) for m in ma_masks]
+    axes = _normalise_axis(axis, len(shape))
+    n_kept = 0
+    if axes is not None:
+        ndim = len(shape)
+        dest = tuple(range(ndim - len(axes), ndim))
+        sources = [np.moveaxis(s, axes, dest) for s in sources]
+        masks = [np.moveaxis(m, axes, dest) for m in masks]
+        ma = [np.moveaxis(m, axes, dest) for m in ma]
+        n_kept = ndim - len(axes)
     opts = get_options()
-
-    # k1/k2/k3 turn any bad input into a non-finite value (caught after the merge); other
-    # estimators, a clamp or a mask could hide one, so those chunks are summed raw first.
-    check = opts.validate and (fast is None or bounds is not None or m is not None)
-
-    def work(start: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, bool]:
-        # +inf values (log p = -inf) are legitimate; they are sorted out after the merge
-        with np.errstate(over="ignore", invalid="ignore"):
-            stop = min(start + BLOCK, size)
-            return _stream_block(flat, m, start, stop, fast, fn, npx, bounds, check)
-
-    if opts.threads > 1 and len(starts) > 1:  # numpy releases the GIL inside each ufunc
-        parts = list(_executor(opts.threads).map(work, starts))
-    else:
-        parts = [work(s) for s in starts]
-    if parts:
-        ns = np.concatenate([p[0] for p in parts])
-        means = np.concatenate([p[1] for p in parts])
-        m2s = np.concatenate([p[2] for p in parts])
-        n_clamped = sum(p[3] for p in parts)
-    else:
-        ns = means = m2s = np.zeros(0)
-        n_clamped = 0
-    with np.errstate(invalid="ignore"):
-        mom = Moments.combine(ns, means, m2s)
-    suspect = any(p[4] for p in parts)
-    if opts.validate and (suspect or not (math.isfinite(mom.mean) and math.isfinite(mom.m2))):
-        # Lazy validation: finite inputs give finite values (and the chunks whose estimator could
-        # hide an infinity were flagged), so the inputs are inspected only now.
-        if lr is not None:
-            check_log_ratio_values(npx, None, None, flat[0])
-        else:
-            check_log_ratio_values(npx, flat[1], flat[0], None)
-    if not math.isfinite(mom.mean):
-        live = means[np.asarray(ns) > 0]
-        if np.any(np.isnan(live)) or (np.any(live == np.inf) and np.any(live == -np.inf)):
-            mom = Moments(mom.n, math.nan, math.nan)
-        else:  # infinite values of one sign only (log p = -inf on some sample)
-            mom = Moments(mom.n, float(live[~np.isfinite(live)][0]), math.inf)
-    elif not math.isfinite(mom.m2):  # finite mean, overflowing spread
-        mom = Moments(mom.n, mom.mean, math.inf)
-    if math.isnan(mom.mean):
-        std = math.nan
-    else:
-        std = mom.std(ddof) if math.isfinite(mom.m2) else math.inf
-    stderr = std / math.sqrt(mom.n) if mom.n > 0 else math.nan
-    mean = mom.mean if mom.n > 0 else math.nan
-    return Estimate(np.float64(mean), np.float64(std), np.float64(stderr), int(mom.n), n_clamped)
-
-
-def _stream_block(
-    flat: list[np.ndarray],
-    mask: np.ndarray | None,
-    start: int,
-    stop: int,
-    fast: str | None,
-    fn: _PerSample,
-    npx: Any,
-    bounds: tuple[float, float] | None,
-    check: bool,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, bool]:
-    size = min(CHUNK, stop - start)
-    L_buf = np.empty(size)
-    v_buf = np.empty(size)
-    count = -(-(stop - start) // CHUNK)
-    ns = np.zeros(count)
-    means = np.zeros(count)
-    m2s = np.zeros(count)
-    n_clamped = 0
-    suspect = False
-    for i, a in enumerate(range(start, stop, CHUNK)):
-        b = min(a + CHUNK, stop)
-        k = b - a
-        L = L_buf[:k]
-        if len(flat) == 1:
-            np.copyto(L, flat[0][a:b])
-        else:
-            np.subtract(flat[0][a:b], flat[1][a:b], out=L, dtype=np.float64)
-        if check and not math.isfinite(float(np.einsum("i->", L))):
-            suspect = True  # an infinity or NaN the estimator, clamp or mask might hide
-        if bounds is not None:
-            lo, hi = bounds
-            moved = (L < lo) | (L > hi)
-            if mask is not None:
-                moved &= mask[a:b]
-            n_clamped += int(np.count_nonzero(moved))
-            np.clip(L, lo, hi, out=L)
-        v = v_buf[:k]
-        if fast == "k3":
-            # float32 samples, float64 arithmetic: expm1(L) - L has an absolute error of about
-            # 2^-52·|L|, below half a float32 ulp of k3 for every |L| > 1e-8.
-            np.expm1(L, out=v)
-            np.subtract(v, L, out=v)
-        elif fast == "k2":
-            np.multiply(L, L, out=v)
-            v *= 0.5
-        elif fast == "k1":
-            np.negative(L, out=v)
-        else:
-            v = np.asarray(fn(npx, L), dtype=np.float64)
-        if mask is not None:
-            v = v[mask[a:b]]
-            k = v.size
-            if k == 0:
-                continue
-        mean = float(np.einsum("i->", v)) / k
-        np.subtract(v, mean, out=v)  # v is a work buffer or a fresh array: safe to overwrite
-        m2 = _sum_of_squares(v)
-        ns[i], means[i], m2s[i] = k, mean, m2
-    return ns, means, m2s, n_clamped, suspect
+    job = _stream.ArrayJob(
+        tuple(sources),
+        tuple(masks),
+        tuple(ma),
+        n_kept,
+        _clamp_bounds(clamp) if clamp is not None else None,
+        opts.validate,
+        tuple(named),
+    )
+    n, mean, m2, moved = _stream.reduce_array(rec, job, opts.threads, fast_kernel(rec))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        dof = n - ddof
+        var = np.where(dof > 0, m2 / np.where(dof > 0, dof, 1.0), np.nan)
+        var = np.where(np.isinf(mean), np.inf, var)
+        var = np.where(np.isnan(mean), np.nan, var)
+        mean = np.where(n > 0, mean, np.nan)
+        std = np.sqrt(var)
+        stderr = std / np.sqrt(np.where(n > 0, n, 1.0))
+    if axes is None:
+        return Estimate(np.float64(mean), np.float64(std), np.float64(stderr), int(n), moved)
+    return Estimate(mean, std, stderr, n.astype(np.int64), moved)

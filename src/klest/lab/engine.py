@@ -9,17 +9,15 @@ merged in order with Chan's formula (:meth:`klest.Moments.combine`). Blocks run 
 do not depend on the number of workers, a given seed gives bit-identical results whatever
 ``workers`` is. Memory is a few chunk buffers per worker, whatever n.
 
-Per-sample values come from the core (:func:`klest.stats.per_sample`), except for k1, k2, k3 and
-forward_k3, whose float64 values are computed from one shared ``expm1(L)`` per chunk:
-``k3 = expm1(L) - L`` and ``forward_k3 = L·(expm1(L) + 1) - expm1(L)``. Near L = 0 these lose
-relative accuracy (absolute error ≈ 2⁻⁵²·|L|, so the relative error of a value L²/2 is ≈ 2⁻⁵¹/|L|),
-but the error in a mean of such values is below 1e-16 absolute, far under any Monte Carlo
-standard error; the tests check both against the core's functions. The core's series near 0 exists
-for per-sample accuracy in low precision and for gradients, which a float64 mean does not need.
+Per-sample values come from the estimator table (:mod:`klest.table`: the same functions as
+:func:`klest.estimate`), or from its compiled kernels when ``klest[fast]`` is installed; chunks
+are reduced and merged by the streaming engine (:mod:`klest._stream`). When q and every p are
+normal and every requested estimator has a kernel, a fused loop (``klest._fast.quadratic_moments``)
+forms L = A z² + B z + C on the fly from the standard normal draws z.
 
 The optimal-λ estimator -L + λ̂(r - 1), with λ̂ = Cov(L, r)/Var(r) fitted on all n samples (the
-core's ``k_opt``), is reduced exactly from the streamed moments of k1 = -L, e = expm1(L) and
-k3 = e - L: Cov(L, e) = (Var L + Var e - Var k3)/2.
+core's ``k_opt``), is reduced exactly from the streamed co-moments of (L, k3, e = expm1(L))
+merged with Chan's formula (:func:`klest._stream.kopt_values`), as :func:`klest.estimate` does.
 
 **Heavy tails.** Each result carries ``max_share``, the share of the largest single squared
 deviation in the sum of squares, max_i (v_i - v̄)² / Σ_i (v_i - v̄)². For i.i.d. values it tends to
@@ -35,16 +33,15 @@ like in a finite sample.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-import klest
-from klest import KlestError, Moments
+from klest import KlestError, Moments, _stream
+from klest._config import get_options, options
+from klest.table import Estimator, fast_kernel, get_estimator
 
 from . import distributions as D
 
@@ -66,9 +63,6 @@ MAX_SHARE_LIMIT = 0.1  # one sample carrying >= 10 % of the sum of squares: stde
 def max_share_limit(n: float) -> float:
     """The flagging threshold for the largest squared deviation's share at sample size n."""
     return max(MAX_SHARE_LIMIT, 10.0 * math.log(max(n, 2.0)) / max(n, 1.0))
-
-
-_FAST = ("k1", "k2", "k3", "forward_k3", "k_opt", "_e")
 
 
 @dataclass(frozen=True)
@@ -103,8 +97,8 @@ class EstimatorResult:
 
 
 def default_workers() -> int:
-    """Two worker threads where there are two cores or more."""
-    return max(1, min(2, os.cpu_count() or 1))
+    """The worker threads a run uses by default: ``klest.options(threads=...)``."""
+    return get_options().threads
 
 
 # ------------------------------------------------------------------------- sampling L
@@ -141,140 +135,108 @@ def log_ratio_sampler(q: D.Distribution, ps: Sequence[D.Distribution]) -> LogRat
         return normal_pair
 
     def generic(rng: np.random.Generator, k: int) -> list[np.ndarray]:
-        x = q.sample(rng, k)
-        with np.errstate(all="ignore"):
-            lq = np.asarray(q.logpdf(x), dtype=np.float64)
-            return [np.asarray(p.logpdf(x), dtype=np.float64) - lq for p in ps]
+        # the distribution draws and evaluates (small-shape gamma/beta work in log x: their
+        # draws can lie where x itself is not representable)
+        return q.log_ratios(rng, k, ps)
 
     return generic
 
 
-# ------------------------------------------------------------------------- per-sample values
-def _core_fn(name: str) -> Callable[[np.ndarray], np.ndarray]:
+# ------------------------------------------------------------------------------ one block
+@dataclass(frozen=True)
+class _Plan:
+    """Everything a block needs (picklable when the distributions are): which q, targets and
+    estimators, the seed, the block sizes and the chunk size."""
+
+    q: D.Distribution
+    targets: tuple[D.Distribution, ...]
+    names: tuple[str, ...]  # per-sample estimators (table names)
+    pair: bool  # whether k_opt's pair moments of (L, expm1(L)) are wanted
+    seed: int
+    sizes: tuple[int, ...]
+    chunk: int
+    fused: bool = False  # normal q and p, every name kernelled: klest._fast.quadratic_moments
+    records: tuple[Estimator, ...] = field(default=(), compare=False)
+    kernels: tuple[Any, ...] = field(default=(), compare=False)  # chosen in the caller's context
+
+
+@dataclass(frozen=True)
+class BlockResult:
+    """One block's moments, per target j: ``values[j][name]``, and for k_opt the pair moments
+    ``pairs[j]`` of (L, expm1(L)) over L > -inf and ``spans[j]`` (count and extremes of L)."""
+
+    n: int
+    values: tuple[dict[str, _stream.Partial], ...]
+    pairs: tuple[_stream.KoptPartial, ...]
+    spans: tuple[_stream.Partial, ...]
+
+
+def _coefficients(plan: _Plan) -> np.ndarray:
+    return np.array([_normal_coefficients(plan.q, p) for p in plan.targets])  # type: ignore[arg-type]
+
+
+def run_block(plan: _Plan, index: int) -> BlockResult:
+    """Draw block ``index`` from its own stream ``SeedSequence(seed, spawn_key=(0, index))`` and
+    reduce every estimator on every target, chunk by chunk (merged in order)."""
+    rng = np.random.default_rng(np.random.SeedSequence(plan.seed, spawn_key=(0, index)))
+    size = plan.sizes[index]
+    records = plan.records or tuple(get_estimator(n) for n in plan.names)
+    kernels = plan.kernels or (None,) * len(records)
+    sampler = log_ratio_sampler(plan.q, plan.targets)
+    m = len(plan.targets)
+    values = [{name: _stream.Partial() for name in plan.names} for _ in range(m)]
+    pairs = [_stream.KoptPartial() for _ in range(m)]
+    k3_record = get_estimator("k3")
+
+    def k3(L: np.ndarray) -> np.ndarray:
+        return np.asarray(k3_record.values(_NPX, L), dtype=np.float64)
+
+    spans = [_stream.Partial() for _ in range(m)]
+    coefs = _coefficients(plan) if plan.fused else None
+    done = 0
+    with np.errstate(all="ignore"), options(validate=False):
+        while done < size:
+            k = min(plan.chunk, size - done)
+            if coefs is not None:
+                from klest import _fast
+
+                z = rng.standard_normal(k)
+                fused = _fast.quadratic_moments(z, coefs, plan.names)
+                for j in range(m):
+                    for i, name in enumerate(plan.names):
+                        mean, m2, lo, hi = (float(x) for x in fused[j, i])
+                        values[j][name] = values[j][name].merge(
+                            _stream.Partial(float(k), mean, m2, lo, hi)
+                        )
+                Ls = [(z * A + B) * z + C for A, B, C in coefs] if plan.pair else []
+            else:
+                Ls = sampler(rng, k)
+                for j, L in enumerate(Ls):
+                    for name, rec, kernel in zip(plan.names, records, kernels, strict=True):
+                        if kernel is not None:
+                            mean, m2, lo, hi = kernel(L)
+                            part = _stream.Partial(float(k), mean, m2, lo, hi)
+                        else:
+                            v = np.array(rec.values(_NPX, L), dtype=np.float64)
+                            part = _stream.chunk_moments(v.reshape(-1))
+                        values[j][name] = values[j][name].merge(part)
+            if plan.pair:
+                for j, L in enumerate(Ls):
+                    lo, hi = float(np.minimum.reduce(L)), float(np.maximum.reduce(L))
+                    spans[j] = spans[j].merge(_stream.Partial(float(k), 0.0, 0.0, lo, hi))
+                    (p,) = _stream.kopt_moments(L.reshape(1, -1), None, k3)
+                    pairs[j] = pairs[j].merge(p)
+            done += k
+    return BlockResult(size, tuple(values), tuple(pairs), tuple(spans))
+
+
+def _npx() -> Any:
     import array_api_compat.numpy as npx
 
-    from klest.stats import per_sample
-
-    _, fn = per_sample(name)
-
-    def values(L: np.ndarray) -> np.ndarray:
-        with klest.options(validate=False):
-            return np.asarray(fn(npx, L), dtype=np.float64)
-
-    return values
+    return npx
 
 
-# name -> (base array it is an affine image of, scale): k1 = -L and k2 = ½·L² are reduced
-# through the moments of L and L², saving a pass each.
-_AFFINE: dict[str, tuple[str, float]] = {
-    "k1": ("L", -1.0),
-    "k2": ("L2", 0.5),
-    "k3": ("k3", 1.0),
-    "forward_k3": ("forward_k3", 1.0),
-    "_e": ("_e", 1.0),
-}
-
-
-class _Evaluator:
-    """Per-chunk arrays whose moments give every requested estimator's moments."""
-
-    def __init__(self, names: Sequence[str]) -> None:
-        self.names = list(names)
-        self.bases = list(
-            dict.fromkeys(_AFFINE.get(n, (n, 1.0))[0] for n in self.names if n != "k_opt")
-        )
-        self.core = {n: _core_fn(n) for n in self.bases if n not in _FAST and n not in ("L", "L2")}
-        self.need_e = any(b in ("k3", "forward_k3", "_e") for b in self.bases)
-
-    def __call__(self, L: np.ndarray) -> dict[str, np.ndarray]:
-        out: dict[str, np.ndarray] = {}
-        e = np.expm1(L) if self.need_e else None
-        for name in self.bases:
-            if name == "L":
-                out[name] = L
-            elif name == "L2":
-                out[name] = np.square(L)
-            elif name == "k3":
-                assert e is not None
-                out[name] = e - L
-            elif name == "forward_k3":
-                assert e is not None
-                if np.minimum.reduce(L) == -np.inf:  # r = 0: the core's limit value 1, not 0·inf
-                    out[name] = _core_fn(name)(L)
-                    continue
-                v = e + 1.0
-                v *= L
-                v -= e
-                out[name] = v
-            elif name == "_e":
-                assert e is not None
-                out[name] = e
-            else:
-                out[name] = self.core[name](L)
-        return out
-
-
-# ------------------------------------------------------------------------------ one block
-@dataclass
-class _BlockResult:
-    """Per-chunk moments of one block, for one target p."""
-
-    ns: np.ndarray  # (chunks,)
-    means: dict[str, np.ndarray]
-    m2s: dict[str, np.ndarray]
-    vmax: dict[str, float]
-    vmin: dict[str, float]
-
-
-def _run_block(
-    sampler: LogRatioSampler,
-    evaluator: _Evaluator,
-    n_targets: int,
-    seed: int,
-    index: int,
-    size: int,
-    chunk: int,
-) -> list[_BlockResult]:
-    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(0, index)))
-    count = -(-size // chunk)
-    bases = evaluator.bases
-    ns = np.zeros(count)
-    out = [
-        _BlockResult(
-            ns,
-            {n: np.zeros(count) for n in bases},
-            {n: np.zeros(count) for n in bases},
-            dict.fromkeys(bases, -math.inf),
-            dict.fromkeys(bases, math.inf),
-        )
-        for _ in range(n_targets)
-    ]
-    tmp = np.empty(min(chunk, size))
-    done = 0
-    i = 0
-    with np.errstate(all="ignore"):
-        while done < size:
-            k = min(chunk, size - done)
-            Ls = sampler(rng, k)
-            ns[i] = k
-            d = tmp[:k]
-            for j, L in enumerate(Ls):
-                res = out[j]
-                for name, v in evaluator(L).items():
-                    mean = float(np.add.reduce(v)) / k
-                    hi = float(np.maximum.reduce(v))
-                    lo = float(np.minimum.reduce(v))
-                    if hi > res.vmax[name]:
-                        res.vmax[name] = hi
-                    if lo < res.vmin[name]:
-                        res.vmin[name] = lo
-                    np.subtract(v, mean, out=d)
-                    res.means[name][i] = mean
-                    # einsum, not np.dot: BLAS threads would fight the workers
-                    res.m2s[name][i] = float(np.einsum("i,i->", d, d))
-            done += k
-            i += 1
-    return out
+_NPX = _npx()
 
 
 # ------------------------------------------------------------------------------- the run
@@ -292,9 +254,10 @@ def run(
 ) -> dict[str, EstimatorResult]:
     """Draw n samples from q and return each estimator's streamed statistics against p.
 
-    ``estimators``: names from :func:`klest.estimator_names` (``k_opt_crossfit`` is not offered:
-    the streamed ``k_opt`` fits λ̂ on all samples, with O(1/n) bias). ``progress(done, n)`` is
-    called from the calling thread after each block. The result does not depend on ``workers``.
+    ``estimators``: names from the estimator table (:func:`klest.estimator_names`;
+    ``k_opt_crossfit`` is not offered: the streamed ``k_opt`` fits λ̂ on all samples, with O(1/n)
+    bias). ``progress(done, n)`` is called from the calling thread after each block. ``workers``
+    defaults to ``klest.options(threads=...)``; the result does not depend on it.
 
     >>> res = run("normal(0, 1)", "normal(1, 1)", ["k1", "k3"], n=200_000, seed=1)
     >>> round(res["k3"].mean, 2), res["k3"].reliable
@@ -328,7 +291,7 @@ def run_many(
     if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n <= 0:
         raise KlestError(f"n must be a positive integer, got {n!r}", argument="n")
     n = int(n)
-    _check_names(names)
+    records = _check_names(names)
     for p in targets:
         if q.dim != p.dim:
             raise KlestError(f"q has dimension {q.dim} but p has dimension {p.dim}", argument="p")
@@ -340,112 +303,67 @@ def run_many(
     if any(isinstance(d, D.TorchDistribution) for d in (q, *targets)):
         workers = 1  # torch.distributions sample from torch's global generator
 
-    internal = list(names)
-    if "k_opt" in names:
-        internal += [x for x in ("k1", "k3", "_e") if x not in internal]
-    sampler = log_ratio_sampler(q, targets)
-    evaluator = _Evaluator(internal)
-
-    sizes = [min(block, n - s) for s in range(0, n, block)]
-    accs = [_Accumulator(evaluator.bases) for _ in targets]
+    per_sample = tuple(name for name in names if not records[name].batch)
+    recs = tuple(records[name] for name in per_sample)
+    plan = _Plan(
+        q,
+        tuple(targets),
+        per_sample,
+        "k_opt" in names,
+        int(seed),
+        tuple(min(block, n - s) for s in range(0, n, block)),
+        chunk,
+        fused=_fusable(q, targets, recs),
+        records=recs,
+        kernels=tuple(fast_kernel(r) for r in recs),
+    )
     done = 0
 
-    def fold(res: list[_BlockResult]) -> None:
-        for acc, r in zip(accs, res, strict=True):
-            acc.fold(r)
+    def report(i: int, res: BlockResult) -> None:
+        nonlocal done
+        done += res.n
+        if progress is not None:
+            progress(done, n)
 
-    def task(i: int) -> list[_BlockResult]:
-        return _run_block(sampler, evaluator, len(targets), seed, i, sizes[i], chunk)
-
-    if workers == 1 or len(sizes) == 1:
-        for i in range(len(sizes)):
-            fold(task(i))
-            done += sizes[i]
-            if progress is not None:
-                progress(done, n)
-    else:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="klest-lab") as pool:
-            pending: list[Future[list[_BlockResult]]] = []
-            nxt = 0
-            try:
-                while nxt < len(sizes) or pending:
-                    while nxt < len(sizes) and len(pending) < 2 * workers:
-                        pending.append(pool.submit(task, nxt))
-                        nxt += 1
-                    res = pending.pop(0).result()
-                    fold(res)
-                    done += int(res[0].ns.sum())
-                    if progress is not None:
-                        progress(done, n)
-            except BaseException:
-                for f in pending:
-                    f.cancel()
-                raise
-    return [_merge(names, acc) for acc in accs]
+    results = _stream.ordered_map(
+        lambda i: run_block(plan, i), range(len(plan.sizes)), workers, report
+    )
+    out = []
+    for j in range(len(targets)):
+        values = {name: _stream.finish([r.values[j][name] for r in results]) for name in per_sample}
+        pair, span = _stream.KoptPartial(), _stream.Partial()
+        for r in results:
+            pair = pair.merge(r.pairs[j])
+            span = span.merge(r.spans[j])
+        out.append(_merge(names, values, pair, span))
+    return out
 
 
-def _check_names(names: list[str]) -> None:
-    known = set(klest.estimator_names())
+def _fusable(q: D.Distribution, targets: Sequence[D.Distribution], recs: Sequence[Any]) -> bool:
+    if not recs or type(q) is not D.Normal or any(type(p) is not D.Normal for p in targets):
+        return False
+    if any(fast_kernel(r) is None for r in recs):
+        return False
+    try:
+        from klest import _fast
+    except ImportError:  # pragma: no cover
+        return False
+    return bool(_fast.available()) and all(r.name in _fast.KERNELS for r in recs)
+
+
+def _check_names(names: list[str]) -> dict[str, Estimator]:
+    out = {}
     for name in names:
         if name == "k_opt_crossfit":
             raise KlestError(
                 "k_opt_crossfit is not streamed; use k_opt (λ̂ fitted on all samples)",
                 argument="estimators",
             )
-        if name.startswith("alpha:"):
-            klest.get_divergence(name)
-        elif name not in known:
-            raise KlestError(
-                f"unknown estimator {name!r}; known: {', '.join(sorted(known))} or alpha:<a>",
-                argument="estimators",
-            )
-
-
-class _Accumulator:
-    """Running per-base moments and extremes of one target, folded block by block in order.
-
-    Memory is constant in n; the fold order is the block order, so the result does not depend
-    on the number of workers. Chunks with infinite values (log p = -inf somewhere) or NaN are
-    counted and remembered by sign, not merged.
-    """
-
-    def __init__(self, bases: Sequence[str]) -> None:
-        self.mom = {b: Moments() for b in bases}
-        self.n = 0.0
-        self.vmax = dict.fromkeys(bases, -math.inf)
-        self.vmin = dict.fromkeys(bases, math.inf)
-        self.pos_inf = dict.fromkeys(bases, False)
-        self.neg_inf = dict.fromkeys(bases, False)
-        self.nan = dict.fromkeys(bases, False)
-
-    def fold(self, r: _BlockResult) -> None:
-        self.n += float(r.ns.sum())
-        for b in self.mom:
-            means, m2s = r.means[b], r.m2s[b]
-            ok = np.isfinite(means) & np.isfinite(m2s)
-            if not np.all(ok):
-                self.pos_inf[b] |= bool(np.any(means == np.inf))
-                self.neg_inf[b] |= bool(np.any(means == -np.inf))
-                self.nan[b] |= bool(np.any(np.isnan(means) | (np.isnan(m2s) & np.isfinite(means))))
-            self.mom[b] = self.mom[b].merge(Moments.combine(r.ns[ok], means[ok], m2s[ok]))
-            self.vmax[b] = max(self.vmax[b], r.vmax[b])
-            self.vmin[b] = min(self.vmin[b], r.vmin[b])
-
-    def moments(self, name: str) -> Moments:
-        base, scale = _AFFINE.get(name, (name, 1.0))
-        pos, neg = self.pos_inf[base], self.neg_inf[base]
-        if self.nan[base] or (pos and neg):
-            return Moments(self.n, math.nan, math.nan)
-        if pos or neg:
-            sign = (1.0 if pos else -1.0) * (1.0 if scale > 0 else -1.0)
-            return Moments(self.n, sign * math.inf, math.inf)
-        m = self.mom[base]
-        return Moments(m.n, m.mean * scale, m.m2 * scale * scale)
-
-    def extremes(self, name: str) -> tuple[float, float]:
-        base, scale = _AFFINE.get(name, (name, 1.0))
-        hi, lo = self.vmax[base] * scale, self.vmin[base] * scale
-        return (hi, lo) if scale > 0 else (lo, hi)
+        try:
+            out[name] = get_estimator(name)
+        except KlestError as e:
+            raise KlestError(str(e.args[0]).split(": ", 1)[-1], argument="estimators") from None
+    return out
 
 
 def _share(mom: Moments, vmax: float, vmin: float) -> float:
@@ -457,39 +375,36 @@ def _share(mom: Moments, vmax: float, vmin: float) -> float:
     return min(1.0, dev * dev / mom.m2)
 
 
-def _merge(names: list[str], acc: _Accumulator) -> dict[str, EstimatorResult]:
+def _merge(
+    names: list[str],
+    values: dict[str, _stream.Partial],
+    pair: _stream.KoptPartial,
+    span: _stream.Partial,
+) -> dict[str, EstimatorResult]:
     out: dict[str, EstimatorResult] = {}
     for name in names:
         if name == "k_opt":
-            out[name] = _k_opt(acc)
+            out[name] = _k_opt(pair, span)
             continue
-        vmax, vmin = acc.extremes(name)
-        mom = acc.moments(name)
-        out[name] = EstimatorResult(name, mom, _share(mom, vmax, vmin))
+        p = values[name]
+        mom = Moments(p.n, p.mean, p.m2)
+        out[name] = EstimatorResult(name, mom, _share(mom, p.vmax, p.vmin))
     return out
 
 
-def _k_opt(acc: _Accumulator) -> EstimatorResult:
-    """Moments of -L + λ̂ e with λ̂ = Cov(L, e)/Var(e), from the moments of -L, e and e - L.
+def _k_opt(pair: _stream.KoptPartial, span: _stream.Partial) -> EstimatorResult:
+    """k_opt's moments from the co-moments of (L, k3, r - 1) (:func:`klest._stream.kopt_values`),
+    with λ̂ = Cov(L, r)/Var(r) fitted on all samples; ``span`` holds L's extremes.
 
-    Its values h(L) = λ̂·expm1(L) - L are a function of L alone, convex for λ̂ > 0 and monotone
-    otherwise, so their largest value over the samples is h at the smallest or largest L (both
-    tracked), and their smallest is at least h(-log λ̂) (λ̂ > 0) or h at an end: ``max_share``
-    is exact on the maximum side and an upper bound on the other."""
-    k1 = acc.moments("k1")
-    e = acc.moments("_e")
-    k3 = acc.moments("k3")
-    n = k1.n
-    if not all(math.isfinite(m.m2) for m in (k1, e, k3)):
-        mom = Moments(n, math.nan, math.nan)
-        return EstimatorResult("k_opt", mom, 1.0, math.nan)
-    # sums of centred products over all samples: S_LL, S_ee, S_Le (L = -k1)
-    s_ll, s_ee = k1.m2, e.m2
-    s_le = 0.5 * (s_ll + s_ee - k3.m2)
-    lam = s_le / s_ee if s_ee > 0 else 1.0
-    mean = k1.mean + lam * e.mean
-    m2 = max(s_ll - 2 * lam * s_le + lam * lam * s_ee, 0.0)
-    mom = Moments(n, mean, m2)
+    The values h(L) = λ̂·expm1(L) - L are a function of L alone, convex for λ̂ > 0 and monotone
+    otherwise, so their largest value is h at the smallest or largest L, and their smallest is at
+    least h(-log λ̂) (λ̂ > 0) or h at an end: ``max_share`` is exact on the maximum side and an
+    upper bound on the other."""
+    lam = pair.lam
+    p = _stream.kopt_values(pair, lam)
+    mom = Moments(p.n, p.mean, p.m2)
+    if not (math.isfinite(p.mean) and math.isfinite(p.m2)):
+        return EstimatorResult("k_opt", mom, 1.0, lam if math.isfinite(p.mean) else math.nan)
 
     def h(L: float) -> float:
         try:
@@ -497,7 +412,7 @@ def _k_opt(acc: _Accumulator) -> EstimatorResult:
         except OverflowError:
             return math.copysign(math.inf, lam)
 
-    l_min, l_max = acc.vmin["L"], acc.vmax["L"]
+    l_min, l_max = span.vmin, span.vmax
     ends = (h(l_min), h(l_max))
     vmax, vmin = max(ends), min(ends)
     if lam > 0 and l_min < -math.log(lam) < l_max:

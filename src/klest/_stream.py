@@ -1,0 +1,648 @@
+r"""The streaming engine: chunks, float64 moments merged with Chan's formula, fixed blocks.
+
+Both :func:`klest.estimate` (slices of an array) and the lab (blocks drawn from a sampler) reduce
+through here. A chunk of per-sample values v is reduced to ``(n, mean, m2, min, max)`` in float64,
+with ``m2 = Σ (v - mean)²`` taken exactly (two passes over a chunk that is in cache), and partial
+results are merged with Chan et al.'s pairwise formula
+
+.. math:: \bar v = \bar v_a + \delta\,n_b/n, \quad
+          M_2 = M_{2,a} + M_{2,b} + \delta^2 n_a n_b / n, \quad \delta = \bar v_b - \bar v_a.
+
+Non-finite values follow one rule: a NaN anywhere, or both +inf and -inf, gives a NaN mean; values
+of one infinite sign give that infinite mean and an infinite spread; a finite mean whose spread
+overflows gives ``m2 = inf``. The work is cut into fixed chunks and fixed blocks of chunks whose
+results are merged in order, so the result is bit-identical whatever the number of threads
+(``klest.options(threads=...)``). Memory is a few chunk buffers per thread, whatever n.
+
+For an array, the reduced axes are moved last (a view, never a copy) and the array is walked in
+pieces of at most :data:`CHUNK` elements: groups of whole output rows when a row is short, or
+pieces of one row (merged along the row) when it is long. Each piece is converted to float64 into
+a work buffer, validated, clamped and masked there, so the input is never copied as a whole.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+
+__all__ = [
+    "CHUNK",
+    "Partial",
+    "chunk_moments",
+    "combine",
+    "finish",
+    "kopt_moments",
+    "kopt_values",
+    "ordered_map",
+]
+
+CHUNK = 1 << 15  # elements per chunk: float64 work buffers of 256 KiB stay in cache
+BLOCK_CHUNKS = 64  # chunks per unit of parallel work (fixed, so results ignore thread count)
+_ROW = 8192  # BLAS dots below OpenBLAS's threading threshold: no helper threads left spinning
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+# ------------------------------------------------------------------------------ partials
+@dataclass(frozen=True)
+class Partial:
+    """Moments of a stream of values: count, mean, centred sum of squares, extremes.
+
+    An empty stream is ``Partial()``: n = 0 (its mean 0 is neutral in a merge).
+    """
+
+    n: float = 0.0
+    mean: float = 0.0
+    m2: float = 0.0
+    vmin: float = math.inf
+    vmax: float = -math.inf
+
+    def merge(self, other: Partial) -> Partial:
+        """Chan's pairwise update, with the module's rule for non-finite means."""
+        if other.n == 0:
+            return self
+        if self.n == 0:
+            return other
+        n = self.n + other.n
+        lo, hi = min(self.vmin, other.vmin), max(self.vmax, other.vmax)
+        a, b = self.mean, other.mean
+        if math.isnan(a) or math.isnan(b) or (math.isinf(a) and math.isinf(b) and a != b):
+            return Partial(n, math.nan, math.nan, lo, hi)
+        if math.isinf(a) or math.isinf(b):
+            return Partial(n, a if math.isinf(a) else b, math.inf, lo, hi)
+        delta = b - a
+        mean = a + delta * (other.n / n)
+        m2 = self.m2 + other.m2 + delta * delta * (self.n * other.n / n)
+        return Partial(n, mean, m2, lo, hi)
+
+
+def combine(ns: np.ndarray, means: np.ndarray, m2s: np.ndarray) -> tuple[float, float, float]:
+    """Merge many finite partial moments at once: ``(n, mean, m2)`` (the vectorised merge)."""
+    ns = np.asarray(ns, dtype=np.float64)
+    keep = ns > 0
+    ns, means, m2s = ns[keep], np.asarray(means, np.float64)[keep], np.asarray(m2s)[keep]
+    if ns.size == 0:
+        return 0.0, 0.0, 0.0
+    n = float(ns.sum())
+    mean = float(np.dot(ns, means) / n)
+    d = means - mean
+    return n, mean, float(m2s.sum() + np.dot(ns, d * d))
+
+
+def finish(parts: Sequence[Partial]) -> Partial:
+    """Merge partials in order (finite ones by :func:`combine`, non-finite by the rule)."""
+    live = [p for p in parts if p.n > 0]
+    if not live:
+        return Partial()
+    means = np.array([p.mean for p in live])
+    lo = min(p.vmin for p in live)
+    hi = max(p.vmax for p in live)
+    n = float(sum(p.n for p in live))
+    if not np.all(np.isfinite(means)):
+        pos, neg = bool(np.any(means == np.inf)), bool(np.any(means == -np.inf))
+        if np.any(np.isnan(means)) or (pos and neg):
+            return Partial(n, math.nan, math.nan, lo, hi)
+        return Partial(n, math.inf if pos else -math.inf, math.inf, lo, hi)
+    with np.errstate(over="ignore", invalid="ignore"):
+        n, mean, m2 = combine(np.array([p.n for p in live]), means, np.array([p.m2 for p in live]))
+    return Partial(n, mean, m2 if not math.isnan(m2) else math.inf, lo, hi)
+
+
+# ----------------------------------------------------------------------- chunk reductions
+def _sum_of_squares(v: np.ndarray) -> float:
+    """Σ v², by single-threaded BLAS dots over rows (our own threads do the parallel work)."""
+    rows = v.size // _ROW
+    head = rows * _ROW
+    total = 0.0
+    if rows:
+        block = v[:head].reshape(rows, _ROW)
+        total = float(np.vecdot(block, block).sum())
+    if head < v.size:
+        tail = v[head:]
+        total += float(np.einsum("i,i->", tail, tail))
+    return total
+
+
+def _nonfinite_mean(vals: np.ndarray) -> float:
+    """The mean of values whose plain sum is not finite, by the module's rule."""
+    if np.any(np.isnan(vals)):
+        return math.nan
+    pos, neg = bool(np.any(vals == np.inf)), bool(np.any(vals == -np.inf))
+    if pos and neg:
+        return math.nan
+    if pos or neg:
+        return math.inf if pos else -math.inf
+    return float(np.sum(vals / vals.size))  # finite values whose sum overflowed
+
+
+def chunk_moments(v: np.ndarray, extremes: bool = True) -> Partial:
+    """Moments of a 1-D float64 chunk; ``v`` is a work buffer and is overwritten."""
+    k = v.size
+    if k == 0:
+        return Partial()
+    lo = float(np.minimum.reduce(v)) if extremes else math.inf
+    hi = float(np.maximum.reduce(v)) if extremes else -math.inf
+    mean = float(np.einsum("i->", v)) / k
+    if not math.isfinite(mean):
+        mean = _nonfinite_mean(v)
+        if not math.isfinite(mean):
+            return Partial(float(k), mean, math.nan if math.isnan(mean) else math.inf, lo, hi)
+    np.subtract(v, mean, out=v)
+    m2 = _sum_of_squares(v)
+    return Partial(float(k), mean, m2 if not math.isnan(m2) else math.inf, lo, hi)
+
+
+def row_moments(
+    v: np.ndarray, keep: np.ndarray | None, extremes: bool = False
+) -> tuple[np.ndarray, ...]:
+    """Per-row ``(n, mean, m2, min, max)`` of a [rows, k] float64 work buffer (overwritten),
+    counting only the entries where ``keep`` is true. Empty rows get n = 0, mean 0, m2 0."""
+    rows = v.shape[0]
+    if rows == 1:
+        vals = v[0] if keep is None else v[0][keep[0]]
+        p = chunk_moments(np.ascontiguousarray(vals), extremes)
+        return tuple(np.array([x]) for x in (p.n, p.mean, p.m2, p.vmin, p.vmax))
+    if keep is None:
+        n = np.full(rows, float(v.shape[1]))
+    else:
+        n = np.count_nonzero(keep, axis=1).astype(np.float64)
+    if extremes:
+        vmin = np.min(v, axis=1, where=True if keep is None else keep, initial=np.inf)
+        vmax = np.max(v, axis=1, where=True if keep is None else keep, initial=-np.inf)
+    else:
+        vmin, vmax = np.full(rows, np.inf), np.full(rows, -np.inf)
+    if keep is not None:
+        np.copyto(v, 0.0, where=~keep)
+    mean = np.add.reduce(v, axis=1) / np.maximum(n, 1.0)
+    bad = np.flatnonzero(~np.isfinite(mean))
+    for i in bad:
+        mean[i] = _nonfinite_mean(v[i] if keep is None else v[i][keep[i]])
+    finite = np.isfinite(mean)
+    np.subtract(v, np.where(finite, mean, 0.0)[:, None], out=v)
+    if keep is not None:
+        np.copyto(v, 0.0, where=~keep)
+    m2 = np.einsum("ij,ij->i", v, v)
+    m2 = np.where(
+        finite, np.where(np.isnan(m2), np.inf, m2), np.where(np.isnan(mean), np.nan, np.inf)
+    )
+    return n, mean, m2, vmin, vmax
+
+
+@dataclass(frozen=True)
+class KoptPartial:
+    r"""What the optimal-λ estimator needs, in one pass: over the samples with L > -inf, the count,
+    the means and the centred co-moments S_ab = Σ (a - ā)(b - b̄) of (L, k3, e) with
+    k3 the table's value of k3 and e = r - 1 = expm1(L); and the number of samples with
+    L = -inf (log p = -inf: the estimate is +inf there whatever λ̂)."""
+
+    n: float = 0.0
+    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    s: tuple[float, ...] = (0.0,) * 6  # S_LL, S_kk, S_ee, S_Lk, S_Le, S_ke
+    n_inf: float = 0.0
+
+    def merge(self, o: KoptPartial) -> KoptPartial:
+        """Chan's update for co-moments: S_ab gains δ_a·δ_b·n_a·n_b/n."""
+        n_inf = self.n_inf + o.n_inf
+        if o.n == 0 or self.n == 0:
+            base = self if o.n == 0 else o
+            return KoptPartial(base.n, base.mean, base.s, n_inf)
+        n = self.n + o.n
+        d = [b - a for a, b in zip(self.mean, o.mean, strict=True)]
+        f = self.n * o.n / n
+        mean = tuple(a + di * (o.n / n) for a, di in zip(self.mean, d, strict=True))
+        cross = [(0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2)]
+        s = tuple(x + y + d[i] * d[j] * f for x, y, (i, j) in zip(self.s, o.s, cross, strict=True))
+        return KoptPartial(n, mean, s, n_inf)  # type: ignore[arg-type]
+
+    @property
+    def lam(self) -> float:
+        """λ̂ = S_Le/S_ee = Cov(L, r)/Var(r); 1 where Var(r) = 0, 0 where it overflows."""
+        s_ee, s_le = self.s[2], self.s[4]
+        if s_ee == math.inf:
+            return 0.0
+        if s_ee > 0 and math.isfinite(s_le):
+            return s_le / s_ee
+        return 1.0
+
+
+def kopt_moments(
+    L: np.ndarray, keep: np.ndarray | None, k3: Callable[[np.ndarray], Any]
+) -> list[KoptPartial]:
+    """Per-row :class:`KoptPartial` of a [rows, k] float64 work buffer of L (overwritten)."""
+    rows = L.shape[0]
+    neg = L == -np.inf
+    n_inf = np.count_nonzero(neg if keep is None else neg & keep, axis=1)
+    if n_inf.any():
+        keep = ~neg if keep is None else keep & ~neg
+        np.copyto(L, 0.0, where=neg)
+    with np.errstate(all="ignore"):
+        cols = [np.asarray(k3(L), dtype=np.float64), np.expm1(L)]
+    cols.insert(0, L)
+    if keep is None:
+        n = np.full(rows, float(L.shape[1]))
+    else:
+        n = np.count_nonzero(keep, axis=1).astype(np.float64)
+    means = []
+    for c in cols:
+        if keep is not None:
+            np.copyto(c, 0.0, where=~keep)
+        m = np.add.reduce(c, axis=1) / np.maximum(n, 1.0)
+        np.subtract(c, m[:, None], out=c)
+        if keep is not None:
+            np.copyto(c, 0.0, where=~keep)
+        means.append(m)
+    pairs = [(0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2)]
+    with np.errstate(all="ignore"):
+        s = [np.einsum("ij,ij->i", cols[i], cols[j]) for i, j in pairs]
+    return [
+        KoptPartial(
+            float(n[r]),
+            (float(means[0][r]), float(means[1][r]), float(means[2][r])),
+            tuple(float(x[r]) for x in s),
+            float(n_inf[r]),
+        )
+        if n[r]
+        else KoptPartial(n_inf=float(n_inf[r]))
+        for r in range(rows)
+    ]
+
+
+def kopt_values(p: KoptPartial, lam: float) -> Partial:
+    r"""Moments of v = -L + λ(r - 1) = λ·k3 + (λ - 1)·L over the samples of ``p``, exactly from
+    its co-moments. Two equal expressions are available,
+
+    .. math:: \bar v = \lambda \bar e - \bar L = \lambda \bar k_3 + (\lambda - 1)\bar L, \quad
+              M_2 = S_{LL} - 2\lambda S_{Le} + \lambda^2 S_{ee}
+                  = \lambda^2 S_{kk} + 2\lambda(\lambda - 1) S_{Lk} + (\lambda - 1)^2 S_{LL},
+
+    and the one whose terms are smaller (less cancellation) is used: the (L, e) form when L is
+    far from 0, the (L, k3) form near 0 where e ≈ L. Samples with L = -inf make the mean +inf."""
+    n = p.n + p.n_inf
+    if p.n_inf:
+        return Partial(n, math.inf, math.inf)
+    if p.n == 0:
+        return Partial()
+    m_l, m_k, m_e = p.mean
+    s_ll, s_kk, s_ee, s_lk, s_le, _ = p.s
+    if lam == 0.0:
+        return Partial(n, -m_l, s_ll)
+    mean_a, scale_a = lam * m_e - m_l, abs(lam * m_e) + abs(m_l)
+    mean_b, scale_b = lam * m_k + (lam - 1) * m_l, abs(lam * m_k) + abs((lam - 1) * m_l)
+    mean = mean_a if scale_a <= scale_b else mean_b
+    m2_a = s_ll - 2 * lam * s_le + lam * lam * s_ee
+    sc_a = s_ll + abs(2 * lam * s_le) + lam * lam * s_ee
+    m2_b = lam * lam * s_kk + 2 * lam * (lam - 1) * s_lk + (lam - 1) ** 2 * s_ll
+    sc_b = lam * lam * s_kk + abs(2 * lam * (lam - 1) * s_lk) + (lam - 1) ** 2 * s_ll
+    m2 = m2_a if sc_a <= sc_b else m2_b
+    if not (math.isfinite(mean) and math.isfinite(m2)):
+        return Partial(n, math.nan, math.nan)
+    return Partial(n, mean, max(m2, 0.0))
+
+
+# ------------------------------------------------------------------------------- threads
+_pool: ThreadPoolExecutor | None = None
+
+
+def _executor(threads: int) -> ThreadPoolExecutor:
+    global _pool
+    if _pool is None or _pool._max_workers != threads:
+        if _pool is not None:
+            _pool.shutdown(wait=False)
+        _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="klest")
+    return _pool
+
+
+def ordered_map(
+    fn: Callable[[T], R],
+    items: Sequence[T],
+    threads: int,
+    on_result: Callable[[int, R], None] | None = None,
+    executor: Any = None,
+) -> list[R]:
+    """``[fn(x) for x in items]`` on ``threads`` workers (or an ``Executor``), results in order.
+
+    At most 2·threads items are in flight; ``on_result(i, result)`` is called in order from the
+    calling thread as results arrive (for progress reports)."""
+    out: list[R] = []
+    if executor is None and (threads <= 1 or len(items) <= 1):
+        for i, x in enumerate(items):
+            r = fn(x)
+            out.append(r)
+            if on_result is not None:
+                on_result(i, r)
+        return out
+    pool = executor if executor is not None else _executor(threads)
+    pending: list[Future[R]] = []
+    nxt = 0
+    try:
+        while nxt < len(items) or pending:
+            while nxt < len(items) and len(pending) < 2 * max(threads, 1):
+                pending.append(pool.submit(fn, items[nxt]))
+                nxt += 1
+            r = pending.pop(0).result()
+            out.append(r)
+            if on_result is not None:
+                on_result(len(out) - 1, r)
+    except BaseException:
+        for f in pending:
+            f.cancel()
+        raise
+    return out
+
+
+# ------------------------------------------------------------------------ walking arrays
+def pieces(shape: tuple[int, ...], budget: int) -> Iterator[tuple[int, tuple[Any, ...]]]:
+    """Cover an array of ``shape`` in C order by sub-views of at most ``budget`` elements.
+
+    Yields ``(flat_start, index)``: ``a[index]`` is the piece, whose elements are the flat
+    (C-order) positions ``flat_start, flat_start + 1, ...``."""
+    size = math.prod(shape)
+    if size == 0:
+        return
+    if not shape:
+        yield 0, ()
+        return
+    j = 0  # slice axis j, whole sub-arrays below it: the first axis where they fit
+    while math.prod(shape[j + 1 :]) > budget:
+        j += 1
+    rest = math.prod(shape[j + 1 :])
+    step = max(1, budget // rest)
+    for prefix in np.ndindex(*shape[:j]):
+        base = (int(np.ravel_multi_index(prefix, shape[:j])) if j else 0) * shape[j] * rest
+        for a in range(0, shape[j], step):
+            yield base + a * rest, (*prefix, slice(a, min(a + step, shape[j])))
+
+
+# ------------------------------------------------------------------------ array reductions
+@dataclass(frozen=True)
+class ArrayJob:
+    """An array reduction: the sources (``[L]`` or ``[log p, log q]``, one shape, reduced axes
+    last; views of the caller's arrays), the keep-masks (true = use), the np.ma masks (true =
+    masked: neither used nor validated), the clamp bounds and whether to validate values."""
+
+    sources: tuple[np.ndarray, ...]
+    masks: tuple[np.ndarray, ...]
+    ma_masks: tuple[np.ndarray, ...]
+    n_kept: int
+    bounds: tuple[float, float] | None
+    validate: bool
+    source_names: tuple[str, ...]
+
+    @property
+    def outer(self) -> tuple[int, ...]:
+        return tuple(self.sources[0].shape[: self.n_kept])
+
+    @property
+    def inner(self) -> tuple[int, ...]:
+        return tuple(self.sources[0].shape[self.n_kept :])
+
+
+@dataclass(frozen=True)
+class _Task:
+    row: int  # first output row (flat index over the kept axes)
+    rows: int  # output rows covered (whole rows), or 1 for a piece of a long row
+    start: int  # flat index of the first element within its row (for a piece of a long row)
+    index: tuple[Any, ...]
+    whole_rows: bool
+
+
+def _tasks(job: ArrayJob) -> list[_Task]:
+    outer, inner = job.outer, job.inner
+    k = math.prod(inner)
+    out: list[_Task] = []
+    if k == 0 or math.prod(outer) == 0:
+        return out
+    if k <= CHUNK:
+        for start, idx in pieces(outer, max(1, CHUNK // k)):
+            rows = math.prod(job.sources[0][idx].shape) // k if idx else 1
+            out.append(_Task(start, rows, 0, idx, True))
+        return out
+    for row in range(math.prod(outer)):
+        prefix = tuple(int(i) for i in np.unravel_index(row, outer)) if outer else ()
+        for start, idx in pieces(inner, CHUNK):
+            out.append(_Task(row, 1, start, (*prefix, *idx), False))
+    return out
+
+
+class _Buffers:
+    """Per-thread float64 work buffers (reused: no page faults per chunk)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.local = threading.local()
+
+    def get(self, size: int, dtype: Any = np.float64) -> np.ndarray:
+        name = f"buf_{np.dtype(dtype).name}"
+        buf = getattr(self.local, name, None)
+        if buf is None or buf.size < size:
+            buf = np.empty(max(size, CHUNK), dtype=dtype)
+            setattr(self.local, name, buf)
+        return buf[:size]
+
+
+_BUFFERS = _Buffers()
+
+
+def _bad_values(job: ArrayJob, idx: tuple[Any, ...]) -> None:
+    """Raise :class:`KlestError` if a piece holds values no sample can have (see
+    :func:`klest._backend.check_log_ratio_values`); np.ma-masked entries are not data."""
+    import array_api_compat.numpy as npx
+
+    from ._backend import check_log_ratio_values
+
+    raw = [np.asarray(s[idx]) for s in job.sources]
+    if job.ma_masks:
+        keep = ~np.logical_or.reduce([np.asarray(m[idx], dtype=bool) for m in job.ma_masks])
+        raw = [r[np.broadcast_to(keep, r.shape)] for r in raw]
+    if len(raw) == 1:
+        check_log_ratio_values(npx, None, None, raw[0])
+    else:
+        check_log_ratio_values(npx, raw[1], raw[0], None)
+
+
+def _load(job: ArrayJob, t: _Task) -> tuple[np.ndarray, np.ndarray | None, int]:
+    """The piece's L as a [rows, k] float64 work buffer, its keep-mask (None: keep all) and the
+    number of kept elements the clamp moved."""
+    from .errors import KlestError
+
+    first = job.sources[0][t.index]
+    size = first.size
+    rows = t.rows
+    L = _BUFFERS.get(size).reshape(first.shape)
+    with np.errstate(invalid="ignore", over="ignore"):
+        if len(job.sources) == 1:
+            np.copyto(L, first, casting="unsafe")
+        else:
+            np.subtract(first, job.sources[1][t.index], out=L, dtype=np.float64, casting="unsafe")
+    keep: np.ndarray | None = None
+    for m in job.masks:
+        mk = np.asarray(m[t.index])
+        if mk.dtype != np.bool_:
+            if job.validate and np.any((mk != 0) & (mk != 1)):
+                raise KlestError("must hold only 0 and 1 (or be boolean)", argument="mask")
+            mk = mk != 0
+        keep = mk if keep is None else keep & mk
+    for m in job.ma_masks:
+        mk = ~np.asarray(m[t.index], dtype=bool)
+        keep = mk if keep is None else keep & mk
+    if keep is not None:
+        keep = np.ascontiguousarray(np.broadcast_to(keep, first.shape)).reshape(rows, -1)
+        if keep.all():
+            keep = None
+    L = L.reshape(rows, -1)
+    if job.validate and not math.isfinite(float(np.einsum("ij->", L))):
+        _bad_values(job, t.index)
+    moved = 0
+    if job.bounds is not None:
+        lo, hi = job.bounds
+        out = (L < lo) | (L > hi)
+        if keep is not None:
+            out &= keep
+        moved = int(np.count_nonzero(out))
+        np.clip(L, lo, hi, out=L)
+    return L, keep, moved
+
+
+def _values(rec: Any, L: np.ndarray) -> np.ndarray:
+    import array_api_compat.numpy as npx
+
+    from ._config import options
+
+    with options(validate=False), np.errstate(all="ignore"):
+        return np.asarray(rec.values(npx, L), dtype=np.float64)
+
+
+def _kernel_rows(rec: Any, job: ArrayJob, t: _Task, kernel: Any) -> tuple[Any, ...]:
+    """The kernel on each output row of a piece, on the input's own float32/float64 values
+    (rows that are contiguous in memory are passed as they are; others are gathered into a
+    buffer of the input's dtype first)."""
+    piece = job.sources[0][t.index]
+    flat: np.ndarray | None = piece.view()
+    try:
+        flat.shape = (t.rows, -1)  # type: ignore[union-attr]
+    except (AttributeError, ValueError):
+        flat = None
+    if flat is None or not flat[0].flags.c_contiguous:
+        buf = _BUFFERS.get(piece.size, piece.dtype)
+        np.copyto(buf.reshape(piece.shape), piece)
+        flat = buf.reshape(t.rows, -1)
+    res = [kernel(row) for row in flat]
+    means = np.array([r[0] for r in res], dtype=np.float64)
+    if job.validate and (not np.all(np.isfinite(means)) or rec.name not in _BUILTIN_KERNELED):
+        _bad_values(job, t.index)  # finite means prove finite input for the built-ins
+    n = np.full(t.rows, float(flat.shape[1]))
+    return n, means, np.array([r[1] for r in res], dtype=np.float64), 0
+
+
+def _piece_moments(rec: Any, job: ArrayJob, t: _Task, kernel: Any) -> tuple[Any, ...]:
+    if (
+        kernel is not None
+        and len(job.sources) == 1
+        and not job.masks
+        and not job.ma_masks
+        and job.bounds is None
+        and job.sources[0].dtype in (np.float32, np.float64)
+        and (t.rows == 1 or job.sources[0][t.index].size >= 1024 * t.rows)
+    ):
+        return _kernel_rows(rec, job, t, kernel)
+    L, keep, moved = _load(job, t)
+    v = _values(rec, L)
+    n, mean, m2, _, _ = row_moments(v, keep)
+    return n, mean, m2, moved
+
+
+_BUILTIN_KERNELED = ("k1", "k2", "k3", "forward_k1", "forward_k3")
+
+
+def _kopt_piece(job: ArrayJob, t: _Task, cross: bool) -> tuple[Any, ...]:
+    """Per-row :class:`KoptPartial` of a piece (of its even- and odd-indexed samples when
+    cross-fitting), and the clamp count."""
+    from .table import get_estimator
+
+    k3 = get_estimator("k3")
+
+    def values(L: np.ndarray) -> Any:
+        return _values(k3, L)
+
+    L, keep, moved = _load(job, t)
+    if not cross:
+        return (kopt_moments(L, keep, values),), moved
+    even = np.broadcast_to(((t.start + np.arange(L.shape[1])) % 2 == 0)[None, :], L.shape)
+    k_even = even if keep is None else keep & even
+    k_odd = ~even if keep is None else keep & ~even
+    return (kopt_moments(L.copy(), k_even, values), kopt_moments(L, k_odd, values)), moved
+
+
+def _kopt_rows(job: ArrayJob, tasks: list[_Task], cross: bool, threads: int) -> tuple[Any, ...]:
+    """Per output row: n, mean, m2 of k_opt (λ̂ fitted on the row; cross-fitted: on each half,
+    applied to the other), and the clamp count. One pass: the moments of the values follow
+    exactly from the co-moments (:func:`kopt_values`)."""
+    rows = math.prod(job.outer)
+    halves = 2 if cross else 1
+    acc = [[KoptPartial() for _ in range(rows)] for _ in range(halves)]
+    moved = 0
+    results = _run(lambda t: _kopt_piece(job, t, cross), tasks, threads)
+    for t, (res, t_moved) in zip(tasks, results, strict=True):
+        moved += t_moved
+        for h in range(halves):
+            for i, p in enumerate(res[h]):
+                acc[h][t.row + i] = acc[h][t.row + i].merge(p)
+    n, mean, m2 = np.zeros(rows), np.zeros(rows), np.zeros(rows)
+    for r in range(rows):
+        if cross:  # the even half's values use the odd half's λ̂, and the other way round
+            even, odd = acc[0][r], acc[1][r]
+            p = kopt_values(even, odd.lam).merge(kopt_values(odd, even.lam))
+        else:
+            p = kopt_values(acc[0][r], acc[0][r].lam)
+        n[r], mean[r], m2[r] = p.n, p.mean, p.m2
+    return n, mean, m2, moved
+
+
+def _blocks(tasks: list[_Task]) -> list[list[_Task]]:
+    return [tasks[i : i + BLOCK_CHUNKS] for i in range(0, len(tasks), BLOCK_CHUNKS)]
+
+
+def _run(fn: Callable[[_Task], T], tasks: list[_Task], threads: int) -> list[T]:
+    def block(ts: list[_Task]) -> list[T]:
+        return [fn(t) for t in ts]
+
+    return [r for b in ordered_map(block, _blocks(tasks), threads) for r in b]
+
+
+def reduce_array(
+    rec: Any, job: ArrayJob, threads: int, kernel: Any = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """``(n, mean, m2, n_clamped)`` of the estimator's values over the inner axes, one entry per
+    outer position (arrays of the outer shape; n = 0 rows have mean 0, m2 0)."""
+    outer = job.outer
+    rows = math.prod(outer)
+    tasks = _tasks(job)
+    if rec.batch:
+        n, mean, m2, moved = _kopt_rows(job, tasks, bool(rec.cross_fit), threads)
+        return n.reshape(outer), mean.reshape(outer), m2.reshape(outer), moved
+    results = _run(lambda t: _piece_moments(rec, job, t, kernel), tasks, threads)
+    n = np.zeros(rows)
+    mean = np.zeros(rows)
+    m2 = np.zeros(rows)
+    moved = 0
+    by_row: dict[int, list[Partial]] = {}
+    for t, (tn, tmean, tm2, tmoved) in zip(tasks, results, strict=True):
+        moved += int(tmoved)
+        if t.whole_rows:
+            sl = slice(t.row, t.row + len(tn))
+            n[sl], mean[sl], m2[sl] = tn, tmean, tm2
+        else:
+            by_row.setdefault(t.row, []).append(
+                Partial(float(tn[0]), float(tmean[0]), float(tm2[0])) if tn[0] else Partial()
+            )
+    for row, parts in by_row.items():
+        merged = finish(parts)
+        n[row], mean[row], m2[row] = merged.n, merged.mean, merged.m2
+    return n.reshape(outer), mean.reshape(outer), m2.reshape(outer), moved
