@@ -165,3 +165,36 @@ def test_infinite_and_nan_means_have_matching_spreads(axis):
     with klest.options(validate=False):
         r = klest.estimate(log_ratio=np.array([np.nan, 0.0, 1.0]), axis=axis)
     assert math.isnan(float(r.mean)) and math.isnan(float(r.std))
+
+
+# ------------------------------------------- the mask rule: masked-out entries are ignored
+def test_masked_out_entries_may_hold_nan_and_infinities():
+    """One rule in the core and in klest.rl: whatever a masked-out entry holds (NaN, ±inf in
+    log q, +inf in log p: padding often holds garbage) is ignored; kept entries are checked."""
+    torch = pytest.importorskip("torch")
+    lq = np.array([-1.0, np.nan, -0.5, -np.inf, -2.0, -1.5])
+    lp = np.array([-1.2, 0.0, np.nan, -1.0, -1.7, np.inf])
+    mask = np.array([1, 0, 0, 0, 1, 0])
+    kept = mask.astype(bool)
+    for xp_lq, xp_lp, xp_mask in (
+        (lq, lp, mask),
+        (torch.tensor(lq), torch.tensor(lp), torch.tensor(mask)),
+    ):
+        v, lam = klest.k_opt(xp_lq, xp_lp, mask=xp_mask, return_lambda=True)
+        ref_v, ref_lam = klest.k_opt(lq[kept], lp[kept], return_lambda=True)
+        np.testing.assert_allclose(np.asarray(v)[kept], ref_v, rtol=1e-12)
+        assert float(lam) == pytest.approx(float(ref_lam), rel=1e-12)
+        assert float(klest.optimal_lambda(xp_lq, xp_lp, mask=xp_mask)) == pytest.approx(
+            float(ref_lam), rel=1e-12
+        )
+        _, moved = klest.clamped_log_ratio(xp_lq, xp_lp, clamp=0.25, mask=xp_mask)
+        assert int(moved) == 1  # only kept entries count: -1.7 - (-2.0) = 0.3 > 0.25
+    t = torch.tensor(lq, requires_grad=True)
+    v = klest.k_opt(t, torch.tensor(lp), mask=torch.tensor(kept))
+    torch.where(torch.tensor(kept), v, 0.0).sum().backward()
+    assert torch.isfinite(t.grad[torch.tensor(kept)]).all()
+    # the same entries, kept, are bad input
+    with pytest.raises(klest.KlestError, match="NaN"):
+        klest.k_opt(lq, lp, mask=np.array([1, 1, 0, 0, 1, 0]))
+    with pytest.raises(klest.KlestError, match="inf"):
+        klest.optimal_lambda(lq, lp, mask=np.array([1, 0, 0, 1, 1, 0]))

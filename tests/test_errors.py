@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -106,3 +108,59 @@ def _check_user_divergence(div):
     assert "neyman_chi2_test" in klest.estimator_names()
     r = klest.estimate(log_ratio=L, estimator=div)
     assert r.mean == pytest.approx(np.mean((t - 1) ** 2 / t))
+
+
+@pytest.mark.parametrize(
+    ("div", "words"),
+    [
+        (klest.FDivergence(3, lambda t: (t - 1) ** 2, 0.0), "non-empty string"),
+        (klest.FDivergence("", lambda t: (t - 1) ** 2, 0.0), "non-empty string"),
+        (klest.FDivergence("k3", lambda t: (t - 1) ** 2, 0.0), "estimator's name"),
+        (klest.FDivergence("forward_k1", lambda t: (t - 1) ** 2, 0.0), "estimator's name"),
+        (klest.FDivergence("k_opt", lambda t: (t - 1) ** 2, 0.0), "estimator's name"),
+        (klest.FDivergence("alpha:7", lambda t: (t - 1) ** 2, 0.0), "reserved"),
+        (
+            klest.FDivergence("shifted_test", lambda t: (t - 1) ** 2 + 0.1, 0.0),
+            "f\\(1\\) must be 0",
+        ),
+        (klest.FDivergence("concave_test", lambda t: -((t - 1) ** 2), 0.0), "convex"),
+        (klest.FDivergence("log_test", lambda t: math.log(t), 1.0), "convex"),
+        (klest.FDivergence("slope_test", lambda t: (t - 1) ** 2, 1.0), "not a slope"),
+        (
+            klest.FDivergence("form_test", lambda t: (t - 1) ** 2, 0.0, lambda xp, L: L * L),
+            "log_form disagrees",
+        ),
+        (klest.FDivergence("raises_test", lambda t: 1 / (t - 1), 0.0), "ZeroDivisionError"),
+    ],
+)
+def test_divergence_registration_is_checked(div, words):
+    with pytest.raises(klest.KlestError, match=words):
+        klest.register_divergence(div)
+    assert div.name not in klest.divergence_names() or div.name == "k3"
+
+
+def test_builtin_divergences_pass_the_registration_checks():
+    from klest import divergences
+
+    for name in klest.divergence_names():
+        if name == "log_squared":  # ½(log t)² is convex only for t <= e (f'' = (1 - log t)/t²)
+            with pytest.raises(klest.KlestError, match=r"convex: f\(2\.8"):
+                divergences._check_f(divergences.get_divergence(name))
+            continue
+        divergences._check_f(divergences.get_divergence(name))
+    for a in (-1.0, 0.5, 2.0, 3.0):
+        divergences._check_f(divergences.alpha_divergence(a))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"validate": "false"}, {"validate": 0}, {"threads": True}, {"threads": 0}, {"nope": True}],
+)
+def test_options_check_their_types(kwargs):
+    # validate="false" used to be truthy: validation stayed on, silently
+    with pytest.raises(klest.KlestError):
+        with klest.options(**kwargs):
+            pass
+    with pytest.raises(klest.KlestError):
+        klest.set_options(**kwargs)
+    assert klest.get_options().validate is True

@@ -26,11 +26,13 @@ from .estimators import (
     optimal_lambda,
 )
 from .stats import Estimate, Moments, estimate, estimator_names
+from .table import Estimator, get_estimator, register_estimator
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Estimate",
+    "Estimator",
     "FDivergence",
     "KlestError",
     "Moments",
@@ -44,6 +46,7 @@ __all__ = [
     "forward_k1",
     "forward_k3",
     "get_divergence",
+    "get_estimator",
     "get_options",
     "k1",
     "k2",
@@ -53,5 +56,6 @@ __all__ = [
     "optimal_lambda",
     "options",
     "register_divergence",
+    "register_estimator",
     "set_options",
 ]

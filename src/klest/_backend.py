@@ -19,6 +19,7 @@ __all__ = [
     "check_log_ratio_values",
     "is_traced",
     "log_ratio",
+    "mask_weights",
     "namespace",
 ]
 
@@ -97,24 +98,36 @@ def _count(xp: Any, cond: Array) -> int:
     return int(xp.count_nonzero(cond))
 
 
-def _raise_if(xp: Any, cond: Array, name: str, value: Array, what: str) -> None:
+def _raise_if(
+    xp: Any, cond: Array, name: str, value: Array, what: str, keep: Array | None = None
+) -> None:
+    if keep is not None:
+        cond = cond & keep
     n = _count(xp, cond)
     if n:
         total = int(np.prod(value.shape)) if value.shape else 1
-        raise KlestError(f"{what} ({n} of {total} elements)", argument=name, value=value)
+        where = f"{n} of {total} elements" if keep is None else f"at {n} kept element(s)"
+        raise KlestError(f"{what} ({where})", argument=name, value=value)
 
 
 def check_log_ratio_values(
-    xp: Any, logq: Array | None, logp: Array | None, log_ratio: Array | None
+    xp: Any,
+    logq: Array | None,
+    logp: Array | None,
+    log_ratio: Array | None,
+    keep: Array | None = None,
 ) -> None:
     """Raise on values no sample can have: NaN anywhere, log q = ±inf, log p = +inf.
 
     log p = -inf is allowed (the target gives the sample zero probability: KL(q‖p) is +inf).
+    ``keep`` (boolean, broadcasting with the inputs): the rule for masks, the same in the core
+    and in :mod:`klest.rl` — masked-out entries are ignored entirely, whatever they hold (NaN
+    and infinities included: padding often holds garbage); only kept entries are checked.
     """
     for name, a in (("logq", logq), ("logp", logp), ("log_ratio", log_ratio)):
-        if a is None or is_traced(a):
+        if a is None or is_traced(a) or (keep is not None and is_traced(keep)):
             continue
-        _raise_if(xp, xp.isnan(a), name, a, "contains NaN")
+        _raise_if(xp, xp.isnan(a), name, a, "contains NaN", keep)
         if name == "logq":
             _raise_if(
                 xp,
@@ -123,6 +136,7 @@ def check_log_ratio_values(
                 a,
                 "contains ±inf: a sample drawn from q cannot have zero (or infinite) density "
                 "under q",
+                keep,
             )
         else:
             pos = a == xp.inf
@@ -137,17 +151,25 @@ def check_log_ratio_values(
                     if name == "log_ratio"
                     else ""
                 ),
+                keep,
             )
 
 
 def log_ratio(
-    logq: Array | None, logp: Array | None, log_ratio: Array | None, *, clamp: Any = None
+    logq: Array | None,
+    logp: Array | None,
+    log_ratio: Array | None,
+    *,
+    clamp: Any = None,
+    mask: Array = None,
 ) -> tuple[Any, Array, int | Array]:
     """Return ``(xp, L, n_clamped)`` with ``L = logp - logq`` in the computation dtype.
 
     Either ``logq`` and ``logp`` or ``log_ratio`` must be given. Shapes broadcast. With
     ``clamp=c`` (or ``(lo, hi)``) L is clipped to ``[-c, c]`` and the number of clipped elements
-    is returned; without it nothing is clipped and the count is 0.
+    is returned; without it nothing is clipped and the count is 0. With ``mask`` (bool or 0/1,
+    broadcasting to L), masked-out entries are neither checked nor counted: they may hold
+    anything, NaN included (see :func:`check_log_ratio_values`).
     """
     if log_ratio is not None:
         if logq is not None or logp is not None:
@@ -156,8 +178,9 @@ def log_ratio(
             )
         xp, arrs = namespace(log_ratio=log_ratio)
         L = as_float(xp, "log_ratio", arrs["log_ratio"])
+        keep = None if mask is None else mask_weights(xp, L, mask) > 0
         if get_options().validate:
-            check_log_ratio_values(xp, None, None, L)
+            check_log_ratio_values(xp, None, None, L, keep)
     else:
         if logq is None or logp is None:
             missing = "logq" if logq is None else "logp"
@@ -179,10 +202,39 @@ def log_ratio(
         if lq.dtype != lp.dtype:
             dt = xp.float64 if xp.float64 in (lq.dtype, lp.dtype) else xp.float32
             lq, lp = xp.astype(lq, dt), xp.astype(lp, dt)
+        with np.errstate(invalid="ignore"):  # inf - inf under a mask: NaN, and ignored
+            L = lp - lq
+        keep = None if mask is None else mask_weights(xp, L, mask) > 0
         if get_options().validate:
-            check_log_ratio_values(xp, lq, lp, None)
-        L = lp - lq
-    return (xp, *clamp_counted(xp, L, clamp))
+            check_log_ratio_values(xp, lq, lp, None, keep)
+    return (xp, *clamp_counted(xp, L, clamp, keep=keep))
+
+
+def mask_weights(xp: Any, L: Array, mask: Array) -> Array:
+    """``mask`` (bool or 0/1, broadcasting to L's shape) as 0/1 weights of L's dtype and shape;
+    all ones when ``mask`` is None."""
+    if mask is None:
+        return xp.ones_like(L)
+    _, m = namespace(mask=mask, L=L)
+    mask_arr = m["mask"]
+    try:
+        mask_arr = xp.broadcast_to(mask_arr, L.shape)
+    except (ValueError, RuntimeError):
+        raise KlestError(
+            f"does not broadcast to the samples' shape {tuple(L.shape)}",
+            argument="mask",
+            value=mask_arr,
+        ) from None
+    if xp.isdtype(mask_arr.dtype, "bool"):
+        return xp.astype(mask_arr, L.dtype)
+    if xp.isdtype(mask_arr.dtype, ("integral", "real floating")):
+        if get_options().validate and not is_traced(mask_arr):
+            if int(xp.count_nonzero((mask_arr != 0) & (mask_arr != 1))):
+                raise KlestError(
+                    "must hold only 0 and 1 (or be boolean)", argument="mask", value=mask_arr
+                )
+        return xp.astype(mask_arr != 0, L.dtype)
+    raise KlestError("mask must be boolean or 0/1", argument="mask", value=mask_arr)
 
 
 def clamp_counted(

@@ -9,12 +9,15 @@ produce inf/NaN in the value or the gradient of the other (the double-``where`` 
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
 from ._backend import Array
 
 __all__ = [
+    "exp_or_inf",
+    "expm1",
     "expm1mx",
     "lexpl_mexpm1",
     "series_coefficients",
@@ -96,7 +99,7 @@ def lexpl_mexpm1(xp: Any, L: Array) -> Array:
     Lp = xp.where(pos, Lf, xp.ones_like(Lf))
     Ln = xp.where(pos, -xp.ones_like(Lf), Lf)
     far_pos = xp.exp(Lp) * (Lp - 1) + 1
-    far_neg = Ln * xp.exp(Ln) - xp.expm1(Ln)
+    far_neg = Ln * xp.exp(Ln) - expm1(xp, Ln)
     far = xp.where(finite, xp.where(pos, far_pos, far_neg), xp.ones_like(Lb))
     return xp.where(small, near, far)
 
@@ -111,6 +114,53 @@ def xlogx(xp: Any, L: Array) -> Array:
 def overflow_threshold(xp: Any, L: Array) -> float:
     """A bound below log(largest finite value) of L's dtype: exp of anything under it is finite."""
     return float(math.log(xp.finfo(L.dtype).max)) - 2.0
+
+
+@functools.lru_cache(maxsize=4)
+def _exp_limit(bits: int) -> float:
+    """The largest x (one ulp of margin) whose e^x is finite in a float of ``bits`` bits."""
+    import numpy as np
+
+    dt = np.float32 if bits == 32 else np.float64
+    y = dt(math.log(np.finfo(dt).max))
+    with np.errstate(over="ignore"):
+        while not np.isfinite(np.exp(y)):
+            y = np.nextafter(y, dt(0))
+    return float(np.nextafter(y, dt(0)))
+
+
+def exp_or_inf(xp: Any, x: Array, L: Array) -> Array:
+    r"""e^x, where ``x`` is an expression of ``L`` that grows with |L| where e^x overflows.
+
+    Where e^x fits the dtype this is ``exp(x)`` with its exact gradient. Where it overflows the
+    value is +inf and the gradient ±inf (the sign of L, the sign of dx/dL there), reaching L
+    directly: back-propagating an infinite upstream gradient through x's own graph would meet
+    slopes that underflowed to 0 (e.g. of e^{-L}) and give inf · 0 = NaN. Double ``where``: the
+    overflow branch sees L = 0 where it is not taken, the other branch sees x = 0 where it is.
+    """
+    if _is_numpy(xp):  # no gradients to protect
+        return xp.exp(x)
+    over = x > _exp_limit(_bits(xp, x))
+    x_safe = xp.where(over, xp.zeros_like(x), x)
+    L_over = xp.where(over, L, xp.zeros_like(L))
+    # exp(K·|L|) with K the dtype's largest value: +inf for any L != 0, slope ±inf; 1 at L = 0.
+    inf_branch = xp.exp(xp.abs(L_over) * float(xp.finfo(L.dtype).max))
+    return xp.where(over, inf_branch, xp.exp(x_safe))
+
+
+def expm1(xp: Any, x: Array) -> Array:
+    """e^x - 1 whose gradient keeps its digits for very negative x.
+
+    Backends differentiate ``expm1`` as expm1(x) + 1, which loses the relative precision of the
+    slope e^x as x falls (all of it once e^x is below the dtype's epsilon). Below x = -4, e^x - 1
+    has no cancellation (within an ulp of expm1) and its slope e^x is exact; above, expm1's slope
+    is off by at most e^4 ulp. -1 at x = -inf.
+    """
+    cut = -4.0
+    low = x < cut
+    x_lo = xp.where(low, x, xp.full_like(x, cut - 1))
+    x_hi = xp.where(low, xp.zeros_like(x), x)
+    return xp.where(low, xp.exp(x_lo) - 1, xp.expm1(x_hi))
 
 
 def softplus(xp: Any, x: Array) -> Array:

@@ -82,17 +82,23 @@ def _forward_kl(xp: Any, L: Array) -> Array:
 
 
 def _chi2(xp: Any, L: Array) -> Array:
-    e = xp.expm1(L)
+    e = nm.expm1(xp, L)
     return e * e
 
 
 def _hellinger(xp: Any, L: Array) -> Array:
-    e = xp.expm1(L / 2)
+    e = nm.expm1(xp, L / 2)
     return e * e
 
 
 def _total_variation(xp: Any, L: Array) -> Array:
-    return xp.abs(xp.expm1(L)) / 2
+    # above L = 1: (e^L - 1)/2 = e^{L - log 2} - 1/2, finite (value and slope) until e^L/2 overflows
+    big = L > 1
+    Lb = xp.where(big, L, xp.full_like(L, 2.0))
+    Ls = xp.where(big, xp.zeros_like(L), L)
+    return xp.where(
+        big, nm.exp_or_inf(xp, Lb - math.log(2), Lb) - 0.5, xp.abs(nm.expm1(xp, Ls)) / 2
+    )
 
 
 def _log_squared(xp: Any, L: Array) -> Array:
@@ -111,16 +117,24 @@ def _jensen_shannon(xp: Any, L: Array) -> Array:
     # With m = (1 + r)/2:  2 f(r) = r·[log(r/m) - (1 - m/r)] + [log(1/m) - (1 - m)]
     #                            = r·k3(a) + k3(b),   a = log(m/r), b = log m,
     # a sum of two non-negative terms (no cancellation near r = 1). For L < -3 the first term is
-    # rewritten r·k3(a) = (1 - r)/2 - r·a, since k3(a) ~ 1/(2r) would overflow.
+    # rewritten r·k3(a) = (1 - r)/2 - r·a, since k3(a) ~ 1/(2r) would overflow; for L > 3 it is
+    # exp(L + log k3(a)), so that an overflowing r gives +inf in the value *and* the gradient
+    # (e^L · k3(a) would give inf · 0 = NaN in the gradient once k3(a)'s slope underflows).
     finite = L > -xp.inf
     Lf = xp.where(finite, L, xp.zeros_like(L))
     very_negative = Lf < -3
+    very_positive = Lf > 3
     Lv = xp.where(very_negative, Lf, xp.full_like(Lf, -4.0))
-    Lo = xp.where(very_negative, xp.zeros_like(Lf), Lf)
+    Lp = xp.where(very_positive, Lf, xp.full_like(Lf, 4.0))
+    Lo = xp.where(very_negative | very_positive, xp.zeros_like(Lf), Lf)
     first = xp.where(
         very_negative,
-        -xp.expm1(Lv) / 2 - xp.exp(Lv) * _log_mean_with_one(xp, -Lv),
-        xp.exp(Lo) * nm.expm1mx(xp, _log_mean_with_one(xp, -Lo)),
+        -nm.expm1(xp, Lv) / 2 - xp.exp(Lv) * _log_mean_with_one(xp, -Lv),
+        xp.where(
+            very_positive,
+            nm.exp_or_inf(xp, Lp + xp.log(nm.expm1mx(xp, _log_mean_with_one(xp, -Lp))), Lp),
+            xp.exp(Lo) * nm.expm1mx(xp, _log_mean_with_one(xp, -Lo)),
+        ),
     )
     value = (first + nm.expm1mx(xp, _log_mean_with_one(xp, Lf))) / 2
     return xp.where(finite, value, xp.full_like(L, math.log(2) / 2))
@@ -168,20 +182,40 @@ def alpha_divergence(alpha: float) -> FDivergence:
     def form(xp: Any, L: Array) -> Array:
         # |αL| and |L| below the overflow bound: (k3(αL) - α k3(L)) / (α(α - 1)), stable near 0.
         # Beyond it: with M = max(αL, L, 0), numerator = e^M (e^{αL-M} - α e^{L-M} - (1-α) e^{-M}),
-        # every exponent <= 0, and the division folded into the exponent so that a value that
-        # fits in the dtype is not lost to an overflow of e^M.
+        # every exponent <= 0, and the division and the (positive) bracket folded into the
+        # exponent: a value that fits in the dtype is not lost to an overflow of e^M, and an
+        # overflowing one gives +inf with a ±inf gradient, never inf · 0 = NaN.
         finite = L > -xp.inf
         Lf = xp.where(finite, L, xp.zeros_like(L))
         bound = nm.overflow_threshold(xp, L)
         ok = (xp.abs(a * Lf) < bound) & (xp.abs(Lf) < bound)
-        Lk = xp.where(ok, Lf, xp.zeros_like(Lf))
-        k3_form = (nm.expm1mx(xp, a * Lk) - a * nm.expm1mx(xp, Lk)) / denom
+        # Both exponents below -4 (α > 0, L < 0): the constant dominates, the direct form has no
+        # cancellation, and its slope α(e^{αL} - e^L)/(α(α-1)) keeps its digits (expm1's slope,
+        # expm1(x) + 1, has lost them once e^x is below the dtype's epsilon).
+        far_neg = ok & (a * Lf < -4) & (Lf < -4)
+        Ln = xp.where(far_neg, Lf, xp.full_like(Lf, -5.0))
+        direct = (xp.exp(a * Ln) - a * xp.exp(Ln) - (1 - a)) / denom
+        Lk = xp.where(ok & ~far_neg, Lf, xp.zeros_like(Lf))
+        k3_form = xp.where(
+            far_neg, direct, (nm.expm1mx(xp, a * Lk) - a * nm.expm1mx(xp, Lk)) / denom
+        )
         Lb = xp.where(ok, xp.ones_like(Lf), Lf)
+
+        def bracket(M: Array) -> Array:  # sign·numerator·e^{-M}, > 0 where used
+            b = sign * (xp.exp(a * Lb - M) - a * xp.exp(Lb - M) - (1 - a) * xp.exp(-M))
+            return xp.where(ok, xp.ones_like(b), b)
+
         M = xp.maximum(xp.maximum(a * Lb, Lb), xp.zeros_like(Lb))
-        bracket = xp.exp(a * Lb - M) - a * xp.exp(Lb - M) - (1 - a) * xp.exp(-M)
-        big_form = xp.exp(M - log_denom) * (sign * bracket)
+        # The scale S = ⌊log numerator⌋ has zero gradient (floor), so the gradient is not split
+        # into huge cancelling parts, and bracket(S) >= 1 keeps value/bracket within the dtype.
+        S = xp.floor(M + xp.log(bracket(M)))
+        big_form = nm.exp_or_inf(xp, S - log_denom + xp.log(bracket(S)), Lb)
         value = xp.where(ok, k3_form, big_form)
-        return xp.where(finite, value, xp.full_like(L, at_zero))
+        if a > 0:
+            return xp.where(finite, value, xp.full_like(L, at_zero))
+        # α < 0: +inf at L = -inf, with the slope's limit -inf (as for every L -> -inf)
+        x_inf = xp.where(finite, xp.zeros_like(L), xp.full_like(L, math.inf))
+        return xp.where(finite, value, nm.exp_or_inf(xp, x_inf, L))
 
     def f(t: float) -> float:
         if t == 0:
@@ -205,15 +239,95 @@ _REGISTRY: dict[str, FDivergence] = {}
 
 
 def register_divergence(div: FDivergence, *, overwrite: bool = False) -> FDivergence:
-    """Add ``div`` to the registry under ``div.name`` (usable as ``estimator=div.name``)."""
+    """Add ``div`` to the registry under ``div.name`` (usable as ``estimator=div.name``).
+
+    Refused with :class:`KlestError`: a name that is not a non-empty string, that starts with
+    ``alpha:`` or ``fdiv:``, or that is an estimator's name (k1, k3, k_opt, ...); an f with
+    f(1) != 0 (to 1e-9), an f that is not convex, or an ``f_prime_at_1`` that is not a
+    subgradient at 1 (checked on a grid of t from 1e-6 to 1e6), and a ``log_form`` that does not
+    equal f(e^L) - f'(1)·(e^L - 1) on L in [-5, 5] (to 1e-6).
+    """
     if not isinstance(div, FDivergence):
         raise KlestError("expected an FDivergence", argument="div", value=div)
-    if div.name in _REGISTRY and not overwrite:
+    name = div.name
+    if not isinstance(name, str) or not name or name != name.strip() or "," in name:
         raise KlestError(
-            f"a divergence named {div.name!r} exists; pass overwrite=True", argument="div"
+            f"a divergence name must be a non-empty string without commas or surrounding "
+            f"spaces, got {name!r}",
+            argument="div",
         )
-    _REGISTRY[div.name] = div
+    if name.startswith(("alpha:", "fdiv:")):
+        raise KlestError(
+            f"{name!r}: names starting with 'alpha:' or 'fdiv:' are reserved", argument="div"
+        )
+    from .table import known_estimator_names  # imported here: the table imports this module
+
+    if name in known_estimator_names():
+        raise KlestError(
+            f"{name!r} is an estimator's name; choose another name for the divergence",
+            argument="div",
+        )
+    if name in _REGISTRY and not overwrite:
+        raise KlestError(f"a divergence named {name!r} exists; pass overwrite=True", argument="div")
+    _check_f(div)
+    _REGISTRY[name] = div
     return div
+
+
+def _check_f(div: FDivergence) -> None:
+    """Numerical checks of f: f(1) = 0, convexity, f'(1) a subgradient, log_form = f."""
+    import numpy as np
+
+    def f(t: float) -> float:
+        try:
+            v = float(div.f(t))
+        except Exception as e:  # a user's f: whatever it raises is reported as bad input
+            raise KlestError(f"f({t!r}) raised {type(e).__name__}: {e}", argument="div") from None
+        if math.isnan(v):
+            raise KlestError(f"f({t!r}) is NaN", argument="div")
+        return v
+
+    f1 = f(1.0)
+    if abs(f1) > 1e-9:
+        raise KlestError(f"f(1) must be 0, got {f1!r}", argument="div")
+    ts = np.concatenate([np.geomspace(1e-6, 1e6, 241), [1.0]])
+    ts = np.unique(ts)
+    fs = np.array([f(float(t)) for t in ts])
+    finite = np.isfinite(fs)
+    t, v = ts[finite], fs[finite]
+    scale = 1e-9 * (1.0 + np.abs(v))
+    # convex: each point at or below the chord of its neighbours
+    w = (t[1:-1] - t[:-2]) / (t[2:] - t[:-2])
+    chord = (1 - w) * v[:-2] + w * v[2:]
+    bad = np.flatnonzero(v[1:-1] > chord + scale[1:-1] + 1e-9 * (np.abs(v[:-2]) + np.abs(v[2:])))
+    if bad.size:
+        i = int(bad[0]) + 1
+        raise KlestError(
+            f"f must be convex: f({t[i]:.6g}) = {v[i]:.6g} lies above the chord from "
+            f"t = {t[i - 1]:.6g} to t = {t[i + 1]:.6g}",
+            argument="div",
+        )
+    below = np.flatnonzero(v < div.f_prime_at_1 * (t - 1) - scale)
+    if below.size:
+        i = int(below[0])
+        raise KlestError(
+            f"f_prime_at_1 = {div.f_prime_at_1!r} is not a slope of f at 1: "
+            f"f({t[i]:.6g}) = {v[i]:.6g} lies below the tangent",
+            argument="div",
+        )
+    if div.log_form is not None:
+        import array_api_compat.numpy as npx
+
+        L = np.linspace(-5.0, 5.0, 11)
+        got = np.asarray(div.log_form(npx, L), dtype=np.float64)
+        want = np.array([f(math.exp(x)) - div.f_prime_at_1 * math.expm1(x) for x in L])
+        if not np.allclose(got, want, rtol=1e-6, atol=1e-12):
+            i = int(np.argmax(~np.isclose(got, want, rtol=1e-6, atol=1e-12)))
+            raise KlestError(
+                f"log_form disagrees with f at L = {L[i]:g}: {got[i]!r} against "
+                f"f(e^L) - f'(1)·(e^L - 1) = {want[i]!r}",
+                argument="div",
+            )
 
 
 def get_divergence(name: str | FDivergence) -> FDivergence:
@@ -292,4 +406,4 @@ for _d in (
         description="the f of k2: f(t) = ½(log t)²; k2 is unbiased for it",
     ),
 ):
-    register_divergence(_d)
+    _REGISTRY[_d.name] = _d  # the built-ins are checked by the tests, not at every import

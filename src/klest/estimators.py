@@ -13,12 +13,12 @@ reports how many elements it touched.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from . import _numerics as nm
-from ._backend import Array, clamp_counted, is_traced, namespace
+from ._backend import Array, clamp_counted, mask_weights
 from ._backend import log_ratio as _prepare
-from ._config import get_options
 from .divergences import FDivergence, get_divergence
 from .errors import KlestError
 
@@ -139,6 +139,11 @@ def fdiv(
     Bias: none either way, since E_q[r - 1] = 0. With the tangent control variate every sample is
     >= 0 for convex f and the variance is usually much lower. ``divergence`` is a registered name
     (``klest.divergence_names()``), ``"alpha:<α>"``, or an :class:`FDivergence`.
+
+    Extremes, for the built-ins: a value beyond the dtype is +inf, and its gradient ±inf (never
+    NaN); at log p = -inf the value is the limit f(0) + f'(1) with a finite slope (or -inf where
+    the slope's limit is, as for ``log_squared`` and α < 0); tested against mpmath for |L| up to
+    1e4 in float32 and float64.
     """
     div = get_divergence(divergence)
     xp, L, _ = _prepare(logq, logp, log_ratio, clamp=clamp)
@@ -155,7 +160,9 @@ def k_lambda(
 ) -> Array:
     r"""-L + λ(r - 1): unbiased for KL(q‖p) for any fixed λ (λ = 1 is k3, λ = 0 is k1).
 
-    ``lam`` broadcasts against the samples (e.g. one λ per row).
+    ``lam`` broadcasts against the samples (e.g. one λ per row). +inf where log p = -inf, for
+    every λ; λ·r is computed as sign(λ)·e^{L + log|λ|}, so a small λ times an r beyond the dtype
+    stays finite when the product is.
     """
     xp, L, _ = _prepare(logq, logp, log_ratio, clamp=clamp)
     if not isinstance(lam, (int, float)):
@@ -163,9 +170,37 @@ def k_lambda(
     return _k_lambda(xp, L, lam)
 
 
-def _k_lambda(xp: Any, L: Array, lam: Any) -> Array:
-    """-L + λ(r - 1) = λ·k3 + (λ - 1)·L: no cancellation near L = 0 (exactly k3 at λ = 1)."""
-    return lam * nm.expm1mx(xp, L) + (lam - 1) * L
+def _k_lambda(xp: Any, L: Array, lam: Any, shift: Any = 0.0) -> Array:
+    r"""-L + λ(r - 1) with λ = lam·e^{-shift} (``shift`` >= 0 keeps a tiny fitted λ exact).
+
+    Where e^L fits the dtype comfortably (L below half the overflow bound):
+    λ·k3(L) + (λ - 1)·L, no cancellation near L = 0 and exactly k3 at λ = 1. Beyond:
+    λ·r = sign(lam)·exp(L - shift + log|lam|), so a small λ times a huge r is not lost to an
+    overflow of r. +inf where L = -inf, whatever λ. Double ``where`` throughout: a branch that is
+    not taken sees a harmless argument, so no inf/NaN leaks into the gradient of the other.
+    """
+    finite = xp.isfinite(L)
+    Lf = xp.where(finite, L, xp.zeros_like(L))
+    big = Lf > nm.overflow_threshold(xp, L) / 2
+    Ls = xp.where(big, xp.zeros_like(Lf), Lf)
+    Lb = xp.where(big, Lf, xp.zeros_like(Lf))
+    if isinstance(lam, (int, float)):  # a Python λ (shift is then 0)
+        lam_: Any = float(lam)
+        lam_r = (
+            xp.zeros_like(Lb)
+            if lam_ == 0
+            else math.copysign(1.0, lam_) * xp.exp(Lb + math.log(abs(lam_)))
+        )
+    else:
+        lam_ = lam * xp.exp(-shift) if not isinstance(shift, (int, float)) else lam
+        zero = lam == 0
+        lam_safe = xp.where(zero, xp.ones_like(lam), lam)
+        lam_r = xp.sign(lam_safe) * xp.exp(Lb - shift + xp.log(xp.abs(lam_safe)))
+        lam_r = xp.where(zero, xp.zeros_like(lam_r), lam_r)
+    small = lam_ * nm.expm1mx(xp, Ls) + (lam_ - 1) * Ls
+    value = xp.where(big, lam_r - lam_ - Lb, small)
+    # L = -inf: +inf whatever λ; +inf and NaN occur only under a mask (or unvalidated): kept as is
+    return xp.where(finite, value, xp.where(L < 0, xp.full_like(value, math.inf), L))
 
 
 def optimal_lambda(
@@ -179,11 +214,14 @@ def optimal_lambda(
 ) -> Array:
     r"""λ̂ = Cov(L, r) / Var(r), the variance-minimising λ in -L + λ(r - 1), fitted on the samples.
 
-    Reduced over ``axis`` (all axes if None) among entries where ``mask`` is true; samples with
-    log p = -inf are left out (their estimate is +inf whatever λ). Where Var(r) = 0 (q = p on the
-    samples) λ̂ = 1. For q = N(0,1), p = N(μ,1) the population value is μ² / (e^{μ²} - 1).
+    Reduced over ``axis`` (all axes if None) among entries where ``mask`` is true (masked-out
+    entries are ignored entirely, NaN included); samples with log p = -inf are left out (their
+    estimate is +inf whatever λ). Where Var(r) = 0 (q = p on the samples) λ̂ = 1. Computed on
+    r·e^{-max L}, so nothing overflows: float32 gives float64's λ̂ (to float32 precision) even
+    when some r = e^L is beyond float32. For q = N(0,1), p = N(μ,1) the population value is
+    μ² / (e^{μ²} - 1).
     """
-    xp, L, _ = _prepare(logq, logp, log_ratio, clamp=clamp)
+    xp, L, _ = _prepare(logq, logp, log_ratio, clamp=clamp, mask=mask)
     return _fit_lambda(xp, L, _weights(xp, L, mask), axis, keepdims=False)
 
 
@@ -212,22 +250,27 @@ def k_opt(
     Variance: never more than k3's asymptotically (stdev/KL 1.293 against 1.695 at μ = 1).
 
     ``return_lambda=True`` also returns λ̂ (``(lambda_fitted_on_even, lambda_fitted_on_odd)`` when
-    cross-fitting), reduced over ``axis``.
+    cross-fitting), reduced over ``axis``. λ̂ is fitted as in :func:`optimal_lambda` (masked-out
+    entries ignored, NaN included; no overflow in any dtype); values are +inf where log p = -inf,
+    finite elsewhere unless λ̂·r itself exceeds the dtype, and gradients are finite where values
+    are (an infinite sample does not reach λ̂, hence no other sample's gradient).
     """
-    xp, L, _ = _prepare(logq, logp, log_ratio, clamp=clamp)
+    xp, L, _ = _prepare(logq, logp, log_ratio, clamp=clamp, mask=mask)
     w = _weights(xp, L, mask)
     if not cross_fit:
-        lam = _fit_lambda(xp, L, w, axis, keepdims=True)
-        values = _k_lambda(xp, L, lam)
-        lam_out: Any = _squeeze(xp, lam, axis, L.ndim)
+        c, s = _fit_scaled(xp, L, w, axis)
+        values = _k_lambda(xp, L, c, s)
+        lam_out: Any = _squeeze(xp, c * xp.exp(-s), axis, L.ndim)
     else:
         even = _parity(xp, L, axis)
         w_even = w * xp.astype(even, L.dtype)
         w_odd = w - w_even
-        lam_e = _fit_lambda(xp, L, w_even, axis, keepdims=True)
-        lam_o = _fit_lambda(xp, L, w_odd, axis, keepdims=True)
-        values = _k_lambda(xp, L, xp.where(even, lam_o, lam_e))
-        lam_out = (_squeeze(xp, lam_e, axis, L.ndim), _squeeze(xp, lam_o, axis, L.ndim))
+        c_e, s_e = _fit_scaled(xp, L, w_even, axis)
+        c_o, s_o = _fit_scaled(xp, L, w_odd, axis)
+        values = _k_lambda(xp, L, xp.where(even, c_o, c_e), xp.where(even, s_o, s_e))
+        lam_out = tuple(
+            _squeeze(xp, c * xp.exp(-s), axis, L.ndim) for c, s in ((c_e, s_e), (c_o, s_o))
+        )
     return (values, lam_out) if return_lambda else values
 
 
@@ -250,35 +293,14 @@ def clamped_log_ratio(
     >>> L, int(moved)
     (array([-20. ,   0.5,  20. ]), 2)
     """
-    xp, L, _ = _prepare(logq, logp, log_ratio)
+    xp, L, _ = _prepare(logq, logp, log_ratio, mask=mask)
     keep = None if mask is None else _weights(xp, L, mask) > 0
     return clamp_counted(xp, L, clamp, keep=keep)
 
 
 # ---------------------------------------------------------------------------- helpers
 def _weights(xp: Any, L: Array, mask: Array) -> Array:
-    if mask is None:
-        return xp.ones_like(L)
-    _, m = namespace(mask=mask, L=L)
-    mask_arr = m["mask"]
-    try:
-        mask_arr = xp.broadcast_to(mask_arr, L.shape)
-    except (ValueError, RuntimeError):
-        raise KlestError(
-            f"does not broadcast to the samples' shape {tuple(L.shape)}",
-            argument="mask",
-            value=mask_arr,
-        ) from None
-    if xp.isdtype(mask_arr.dtype, "bool"):
-        return xp.astype(mask_arr, L.dtype)
-    if xp.isdtype(mask_arr.dtype, ("integral", "real floating")):
-        if get_options().validate and not is_traced(mask_arr):
-            if int(xp.count_nonzero((mask_arr != 0) & (mask_arr != 1))):
-                raise KlestError(
-                    "must hold only 0 and 1 (or be boolean)", argument="mask", value=mask_arr
-                )
-        return xp.astype(mask_arr != 0, L.dtype)
-    raise KlestError("mask must be boolean or 0/1", argument="mask", value=mask_arr)
+    return mask_weights(xp, L, mask)
 
 
 def _axes(axis: int | None, ndim: int) -> tuple[int, ...] | None:
@@ -289,19 +311,38 @@ def _axes(axis: int | None, ndim: int) -> tuple[int, ...] | None:
     return (axis % ndim,)
 
 
-def _fit_lambda(xp: Any, L: Array, w: Array, axis: int | None, *, keepdims: bool) -> Array:
+def _fit_scaled(xp: Any, L: Array, w: Array, axis: int | None) -> tuple[Array, Array]:
+    r"""``(c, s)`` with λ̂ = c·e^{-s} = Cov(L, r)/Var(r), fitted where ``w`` > 0 (keepdims).
+
+    With s = max(0, max L) and ẽ = (r - 1)·e^{-s} <= 1 (expm1(L)·e^{-s} for L <= 1, no
+    cancellation near 0; e^{L-s} - e^{-s} above), c = Cov(L, ẽ)/Var(ẽ): nothing overflows in
+    any dtype, so float32 and float64 agree even when some r = e^L is beyond the dtype.
+    Samples with L = -inf are left out (their estimate is +inf whatever λ). Var(r) = 0: λ̂ = 1.
+    """
     axes = _axes(axis, L.ndim)
-    finite = L > -xp.inf
-    w = xp.where(finite, w, xp.zeros_like(w))
-    Lf = xp.where(finite, L, xp.zeros_like(L))
-    e = xp.expm1(Lf)
+    keep = (L > -xp.inf) & (w > 0)
+    w = xp.where(keep, w, xp.zeros_like(w))
+    Lf = xp.where(keep, L, xp.zeros_like(L))
+    s = xp.maximum(xp.max(Lf, axis=axes, keepdims=True), xp.zeros_like(Lf[(0,) * L.ndim]))
+    low = Lf <= 1
+    L_lo = xp.where(low, Lf, xp.zeros_like(Lf))
+    L_hi = xp.where(low, s, Lf)  # exp(L_hi - s) <= 1 for every kept sample
+    e_s = xp.exp(-s)
+    e = xp.where(low, xp.expm1(L_lo) * e_s, xp.exp(L_hi - s) - e_s)
     n = xp.sum(w, axis=axes, keepdims=True)
     n_safe = xp.where(n > 0, n, xp.ones_like(n))
     dL = Lf - xp.sum(w * Lf, axis=axes, keepdims=True) / n_safe
     de = e - xp.sum(w * e, axis=axes, keepdims=True) / n_safe
     cov = xp.sum(w * dL * de, axis=axes, keepdims=True)
     var = xp.sum(w * de * de, axis=axes, keepdims=True)
-    lam = xp.where(var > 0, cov / xp.where(var > 0, var, xp.ones_like(var)), xp.ones_like(var))
+    ok = var > 0
+    c = xp.where(ok, cov / xp.where(ok, var, xp.ones_like(var)), xp.ones_like(var))
+    return c, xp.where(ok, s, xp.zeros_like(s))
+
+
+def _fit_lambda(xp: Any, L: Array, w: Array, axis: int | None, *, keepdims: bool) -> Array:
+    c, s = _fit_scaled(xp, L, w, axis)
+    lam = c * xp.exp(-s)
     return lam if keepdims else _squeeze(xp, lam, axis, L.ndim)
 
 

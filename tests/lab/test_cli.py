@@ -342,3 +342,20 @@ def test_progress_bar_only_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> Non
     quiet.start -= 5.0
     quiet(10, 100)
     assert quiet.bar is None
+
+
+def test_unwritable_plot_or_out_fails_before_the_run(tmp_path: Path) -> None:
+    # os.access says yes to root: the target is probed by creating it, before any work
+    if hasattr(os, "geteuid") and os.geteuid() == 0 and Path("/proc").is_dir():
+        bad_dir = Path("/proc")
+    else:
+        bad_dir = tmp_path / "ro"
+        bad_dir.mkdir()
+        bad_dir.chmod(0o555)
+    compare = ["compare", "--q", "normal(0, 1)", "--p", "normal(1, 1)"]
+    sweep = ["sweep", "--q", "normal(0, 1)", "--p", "normal(mu, 1)", "--vary", "mu=0.5,1"]
+    for args in ([*compare, "--plot", f"{bad_dir}/x.png"], [*sweep, "--out", f"{bad_dir}/s.csv"]):
+        r = klest(*args, "--n", "1e4", "--quiet")
+        assert r.returncode == 2, r.stderr
+        assert r.stdout == ""  # nothing was computed and printed first
+        assert r.stderr.startswith("klest: error: --") and str(bad_dir) in r.stderr

@@ -177,8 +177,9 @@ def test_compare_infinite_truth_is_an_error() -> None:
         compare("normal(0, 1)", "exponential(1)", ["k1"], n=100)
     with pytest.raises(KlestError, match=r"\+inf"):
         compare("normal(0, 1)", "normal(0, 2)", ["chi2"], n=100)  # σp² > 2σq²: χ² diverges
-    with pytest.raises(KlestError, match="p = q"):
-        compare("normal(0, 1)", "normal(0, 1)", ["k1"], n=100)
+    # p = q is not an error: the truth is 0 and the ratios to it are undefined (None, '-')
+    (row,) = compare("normal(0, 1)", "normal(0, 1)", ["k1"], n=100)
+    assert row["true_value"] == 0.0 and row["mean"] == 0.0 and row["bias_over_true"] is None
 
 
 def test_sweep_values() -> None:
@@ -308,3 +309,75 @@ def test_compare_torch_discrete_and_support() -> None:
         compare(
             torch.distributions.Normal(0.0, 1.0), torch.distributions.Exponential(1.0), ["k1"], n=10
         )
+
+
+# ------------------------------------------------------------- sweep files (issue 7 §2)
+BASE = ("normal(0, 1)", "normal(mu, 1)", "mu")
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".json"])
+def test_one_value_sweep_can_be_rerun(tmp_path: Path, suffix: str) -> None:
+    # a CSV cell "0.5" (the grid) reads back as the number 0.5: the rerun was refused
+    out = tmp_path / f"one{suffix}"
+    first = sweep(*BASE, [0.5], ["k1"], n=2000, seed=1, out=out)
+    again = sweep(*BASE, [0.5], ["k1"], n=2000, seed=1, out=out)
+    assert [r["mean"] for r in again] == [r["mean"] for r in first]
+    assert not (tmp_path / f".one{suffix}.lock").exists()
+
+
+def test_sweep_crossing_p_equals_q_reports_zero(tmp_path: Path) -> None:
+    rows = sweep(*BASE, [-0.5, 0.0, 0.5], ["k1", "k3"], n=2000, seed=1, out=tmp_path / "x.json")
+    at_zero = [r for r in rows if r["value"] == 0.0]
+    assert len(at_zero) == 2
+    for r in at_zero:  # p = q: every log-ratio is 0, so is every estimate; ratios undefined
+        assert r["true_value"] == 0.0 and r["mean"] == 0.0
+        assert r["bias_over_true"] is None and r["stdev_over_true"] is None
+        assert r["stderr_bias_over_true"] is None and r["expected_bias_over_true"] is None
+    others = [r for r in rows if r["value"] != 0.0]
+    assert all(r["true_value"] == pytest.approx(0.125) for r in others)  # μ²/2
+    text = format_rows(rows)
+    line = next(ln for ln in text.splitlines() if ln.startswith("normal(0, 1)"))
+    assert line.split()[4:] == ["0", "-", "-", "-", "-", "-"]
+
+
+def test_a_second_sweep_on_the_same_file_is_refused_while_the_first_runs(tmp_path: Path) -> None:
+    out = tmp_path / "busy.csv"
+    seen: list[str] = []
+
+    def on_point(i: int, n: int, rows: list) -> None:
+        if i == 0:  # the first sweep holds the file: a different one must not overwrite it
+            with pytest.raises(KlestError, match=r"another sweep .*is writing") as e:
+                sweep(*BASE, [2.0, 3.0], ["k3"], n=500, seed=2, out=out)
+            seen.append(str(e.value))
+
+    rows = sweep(*BASE, [0.5, 1.0], ["k1"], n=500, seed=1, out=out, on_point=on_point)
+    assert seen and str(out) in seen[0]
+    assert {r["value"] for r in read_rows(out)} == {0.5, 1.0}
+    assert len(rows) == 2
+
+
+def test_a_sweep_file_changed_behind_the_lock_is_reported(tmp_path: Path) -> None:
+    out = tmp_path / "changed.json"
+
+    def on_point(i: int, n: int, rows: list) -> None:
+        if i == 0:  # another program (not a klest sweep) rewrites the file
+            out.write_text(json.dumps(read_rows(out)[:0]) + "\n")
+
+    with pytest.raises(KlestError, match="changed by another program"):
+        sweep(*BASE, [0.5, 1.0], ["k1"], n=500, seed=1, out=out, on_point=on_point)
+    out2 = tmp_path / "deleted.json"
+
+    def delete(i: int, n: int, rows: list) -> None:
+        if i == 0:
+            out2.unlink()
+
+    with pytest.raises(KlestError, match="deleted"):
+        sweep(*BASE, [0.5, 1.0], ["k1"], n=500, seed=1, out=out2, on_point=delete)
+
+
+def test_unwritable_sweep_file_fails_before_any_work(tmp_path: Path) -> None:
+    calls: list[int] = []
+    target = tmp_path / "missing_dir" / "x.csv"
+    with pytest.raises(KlestError, match="cannot write"):
+        sweep(*BASE, [0.5], ["k1"], n=500, out=target, progress=lambda a, b: calls.append(a))
+    assert calls == []

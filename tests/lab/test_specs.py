@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from klest import KlestError
 from klest.lab import distributions as D
@@ -139,3 +143,66 @@ def test_deep_nesting_is_refused() -> None:
 def test_non_string_spec() -> None:
     with pytest.raises(KlestError):
         parse(3.0)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------ echoes are exact and parse back (issue 7 §2)
+def test_echo_of_nearly_equal_probabilities_parses_back() -> None:
+    d = parse("categorical([0.3333333, 0.3333333, 0.3333334])")
+    assert d.spec == "categorical([0.3333333, 0.3333333, 0.3333334])"
+    assert parse(d.spec) == d
+
+
+_finite = st.floats(min_value=-1e100, max_value=1e100, allow_nan=False, allow_infinity=False)
+_positive = st.floats(min_value=1e-100, max_value=1e100, allow_nan=False, allow_infinity=False)
+
+
+@st.composite
+def _probs(draw: st.DrawFn) -> list[float]:
+    raw = draw(st.lists(st.floats(min_value=1e-6, max_value=1.0), min_size=1, max_size=5))
+    total = math.fsum(raw)
+    probs = [x / total for x in raw]
+    probs[-1] = max(0.0, 1.0 - math.fsum(probs[:-1]))
+    return probs
+
+
+def _num(v: float) -> str:
+    return repr(v)
+
+
+_FAMILIES = (
+    *("normal", "student_t", "laplace", "logistic", "exponential", "gamma", "beta"),
+    *("uniform", "categorical", "poisson", "mixture"),
+)
+
+
+@st.composite
+def _spec(draw: st.DrawFn) -> str:
+    family = draw(st.sampled_from(_FAMILIES))
+    if family in ("normal", "laplace", "logistic"):
+        return f"{family}({_num(draw(_finite))}, {_num(draw(_positive))})"
+    if family == "student_t":
+        return f"student_t({_num(draw(_positive))}, {_num(draw(_finite))}, {_num(draw(_positive))})"
+    if family == "exponential":
+        return f"exponential({_num(draw(_positive))})"
+    if family in ("gamma", "beta"):
+        return f"{family}({_num(draw(_positive))}, {_num(draw(_positive))})"
+    if family == "uniform":
+        lo, hi = sorted(draw(st.lists(_finite, min_size=2, max_size=2, unique=True)))
+        return f"uniform({_num(lo)}, {_num(hi)})"
+    if family == "categorical":
+        return "categorical([" + ", ".join(_num(p) for p in draw(_probs())) + "])"
+    if family == "poisson":
+        return f"poisson({_num(draw(st.floats(min_value=1e-100, max_value=1e6)))})"
+    weights = draw(_probs())
+    comps = [f"normal({_num(draw(_finite))}, {_num(draw(_positive))})" for _ in weights]
+    return "mixture([" + ", ".join(map(_num, weights)) + "], [" + ", ".join(comps) + "])"
+
+
+@settings(max_examples=300, deadline=None)
+@given(_spec())
+def test_echo_round_trips(text: str) -> None:
+    """parse(echo(spec)) == spec: the echo holds every digit (repr) and parses back."""
+    d = parse(text)
+    again = parse(d.spec)
+    assert again == d
+    assert again.spec == d.spec

@@ -174,14 +174,23 @@ def test_exact_sum_poisson_matches_closed_form() -> None:
 
 
 def test_monte_carlo_fallback_is_labelled_with_error_bar() -> None:
-    q = parse("mvnormal([0, 0])")
-    p = parse("mvnormal([0.3, 0], [[1.2, 0], [0, 1]])")
-    t = truth(q, p, "squared_hellinger", mc_samples=200_000)
-    assert t.source == "monte carlo" and t.approximate
-    assert t.stderr > 0
     # the exact value is a product over coordinates of the 1-D Bhattacharyya coefficients
     bc = math.sqrt(2 * math.sqrt(1.2) / 2.2) * math.exp(-(0.3**2) / (4 * 2.2))
-    assert abs(t.value - (2 - 2 * bc)) < 4 * t.stderr
+    # two lab multivariate normals: the closed form
+    q = parse("mvnormal([0, 0])")
+    p = parse("mvnormal([0.3, 0], [[1.2, 0], [0, 1]])")
+    t = truth(q, p, "squared_hellinger")
+    assert t.source == "closed form"
+    assert t.value == pytest.approx(2 - 2 * bc, rel=1e-12)
+    # torch Independent normals (no closed form, no quadrature in 2-D): Monte Carlo, labelled;
+    # a pure shift by 0.3 has Bhattacharyya coefficient e^{-0.3²/8}
+    td, f64 = torch.distributions, torch.float64
+    tq = td.Independent(td.Normal(torch.zeros(2, dtype=f64), torch.ones(2, dtype=f64)), 1)
+    tp = td.Independent(td.Normal(torch.tensor([0.3, 0.0], dtype=f64), torch.ones(2, dtype=f64)), 1)
+    t = truth(tq, tp, "squared_hellinger", mc_samples=200_000)
+    assert t.source == "monte carlo" and t.approximate
+    assert t.stderr > 0
+    assert abs(t.value - (2 - 2 * math.exp(-(0.3**2) / 8))) < 4 * t.stderr
 
 
 def test_torch_continuous_pairs_without_a_registry_entry() -> None:

@@ -34,7 +34,7 @@ def _kept_reference(x, mask, mode, horizon=None):
     if mode == "seq-mean-token-sum":
         return torch.stack([r.sum() for r in kept]).mean()
     if mode == "seq-mean-token-sum-norm":
-        return flat.sum() / (x.shape[0] * (horizon or x.shape[1]))
+        return flat.sum() / (len(kept) * (horizon or x.shape[1]))  # verl: non-empty rows
     return flat.sum()
 
 

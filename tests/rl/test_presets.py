@@ -7,6 +7,8 @@ enough that every clamp binds somewhere.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -96,18 +98,70 @@ def nemo_is(kind):
     return lambda logp, ref, old: nemo(kind)(logp, ref, old) * _w(logp, old)
 
 
+def nemo7(kind, importance_weight=False):
+    """NeMo-RL 0.7.0: the KL term always carries exp(x - sg x) (or π/π_gen); calculate_kl clamps
+    the product w·v to [-10, 10]; where the input clamp (±20) binds, nothing carries gradient."""
+
+    def f(logp, ref, old):
+        w = _w(logp, old if importance_weight else None)
+        L_raw = ref - logp
+        inside = L_raw.abs() <= 20
+        L = torch.where(inside, L_raw, L_raw.clamp(-20, 20).detach())
+        w = torch.where(inside, w, w.detach())
+        v = {"k1": -L, "k2": L * L / 2, "k3": torch.exp(L) - 1 - L}[kind]
+        return (w * v).clamp(-10, 10)
+
+    return f
+
+
+def slime(kind, unbiased):
+    """slime compute_approx_kl: k1/k2/k3 (no clamp before exp), × π/π_old with
+    --use-unbiased-kl, then low_var_kl alone clipped to [-10, 10]."""
+
+    def f(logp, ref, old):
+        lr = logp - ref
+        kl = {"k1": lr, "k2": lr**2 / 2}.get(kind, torch.exp(-lr) - 1 + lr)
+        if unbiased:
+            kl = _w(logp, old) * kl
+        return kl.clamp(-10, 10) if kind == "low_var_kl" else kl
+
+    return f
+
+
+def trl_sequence(logp, ref, old, mask):
+    """TRL importance_sampling_level='sequence': coef_1 = exp(masked mean of logp - old)."""
+    old = logp.detach() if old is None else old
+    m = mask.to(logp.dtype)
+    lw = ((logp - old) * m).sum(-1) / m.sum(-1).clamp(min=1.0)
+    return trl(logp, ref, old) * torch.exp(lw)[:, None]
+
+
+VERL, ORL, TRL, SLIME = "verl@0.9.1", "openrlhf@0.11.2", "trl@1.16.0", "slime@0.4.0"
+NEMO6, NEMO7 = "nemo_rl@0.6.0", "nemo_rl@0.7.0"
+_ALIASES = (("k1", "kl"), ("k2", "mse"), ("k3", "low_var_kl"))
 REFERENCE = {
-    **{f"verl:{k}": verl(k) for k in ("kl", "abs", "mse", "low_var_kl")},
-    **{f"verl:{k}+": verl_plus(k) for k in ("kl", "abs", "mse", "low_var_kl")},
-    **{f"verl:{a}": verl(k) for a, k in (("k1", "kl"), ("k2", "mse"), ("k3", "low_var_kl"))},
-    **{f"verl:{a}+": verl_plus(k) for a, k in (("k1", "kl"), ("k2", "mse"), ("k3", "low_var_kl"))},
-    **{f"openrlhf:{k}": openrlhf(k) for k in ("k1", "k2", "k3")},
-    **{f"openrlhf:{k}:unbiased_gradient": openrlhf_unbiased(k) for k in ("k1", "k2", "k3")},
-    "trl:grpo": trl,
-    "trl:grpo:bias_correction": trl_bias_correction,
-    **{f"nemo_rl:{k}": nemo(k) for k in ("k1", "k2", "k3")},
-    **{f"nemo_rl:{k}:importance_weight": nemo_is(k) for k in ("k1", "k2", "k3")},
+    **{f"{VERL}:{k}": verl(k) for k in ("kl", "abs", "mse", "low_var_kl")},
+    **{f"{VERL}:{k}+": verl_plus(k) for k in ("kl", "abs", "mse", "low_var_kl")},
+    **{f"{VERL}:{a}": verl(k) for a, k in _ALIASES},
+    **{f"{VERL}:{a}+": verl_plus(k) for a, k in _ALIASES},
+    **{f"{ORL}:{k}": openrlhf(k) for k in ("k1", "k2", "k3")},
+    **{f"{ORL}:{k}:unbiased_gradient": openrlhf_unbiased(k) for k in ("k1", "k2", "k3")},
+    f"{TRL}:grpo": trl,
+    f"{TRL}:grpo:bias_correction": trl_bias_correction,
+    f"{TRL}:grpo:bias_correction:sequence": trl_sequence,
+    **{f"{NEMO6}:{k}": nemo(k) for k in ("k1", "k2", "k3")},
+    **{f"{NEMO6}:{k}:importance_weight": nemo_is(k) for k in ("k1", "k2", "k3")},
+    **{f"{NEMO7}:{k}": nemo7(k) for k in ("k1", "k2", "k3")},
+    **{f"{NEMO7}:{k}:importance_weight": nemo7(k, True) for k in ("k1", "k2", "k3")},
+    **{f"{SLIME}:{k}": slime(k, False) for k in ("k1", "k2", "k3", "low_var_kl")},
+    **{f"{SLIME}:{k}:unbiased_kl": slime(k, True) for k in ("k1", "k2", "k3", "low_var_kl")},
 }
+NEEDS_MASK = {f"{TRL}:grpo:bias_correction:sequence"}
+
+
+def _reference(name, logp, ref, old, mask):
+    f = REFERENCE[name]
+    return f(logp, ref, old, mask) if name in NEEDS_MASK else f(logp, ref, old)
 
 
 def test_every_preset_has_a_reference_and_says_what_it_follows():
@@ -123,6 +177,8 @@ def _inputs(seed, dtype=torch.float64):
     logp = -torch.rand(B, T, generator=g, dtype=dtype) * 6
     ref = logp + 3 * torch.randn(B, T, generator=g, dtype=dtype)
     ref[0, :6] = logp[0, :6] + torch.tensor([25.0, -25.0, 12.0, -12.0, 3.0, -3.0], dtype=dtype)
+    # |ℓ| up to 30, and both edges of the ±20 log-ratio clamp exactly
+    ref[3, :6] = logp[3, :6] + torch.tensor([30.0, -30.0, 20.0, -20.0, 19.5, -10.0], dtype=dtype)
     old = logp + 0.8 * torch.randn(B, T, generator=g, dtype=dtype)
     old[1, :4] = logp[1, :4] - torch.tensor([3.0, 2.5, 4.0, 0.1], dtype=dtype)  # w > 10
     mask = torch.rand(B, T, generator=g) < 0.8
@@ -155,7 +211,7 @@ def test_preset_matches_the_framework_formula(name, with_old):
     (g_ours,) = torch.autograd.grad((ours * up).sum(), lp)
 
     lp = logp0.clone().requires_grad_(True)
-    theirs = REFERENCE[name](lp, ref, old) * m
+    theirs = _reference(name, lp, ref, old, mask) * m
     (g_theirs,) = torch.autograd.grad((theirs * up).sum(), lp)
 
     torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
@@ -170,16 +226,19 @@ def test_preset_matches_the_framework_formula(name, with_old):
         "trl:grpo",
         "trl:grpo:bias_correction",
         "nemo_rl:k2:importance_weight",
+        "nemo_rl:k3:importance_weight",
+        "slime:low_var_kl:unbiased_kl",
+        "trl:grpo:bias_correction:sequence",
     ],
 )
-@pytest.mark.parametrize("mode", rl.AGGREGATIONS)
+@pytest.mark.parametrize("mode", [*rl.AGGREGATIONS, *rl.TRL_LOSS_TYPES])
 def test_preset_loss_matches_aggregated_formula(name, mode):
     logp0, ref, old, mask, _ = _inputs(2)
     lp = logp0.clone().requires_grad_(True)
     out = presets.get(name).loss(lp, ref, old_logp=old, mask=mask, aggregation=mode)
     (g_ours,) = torch.autograd.grad(out.loss, lp)
     lp = logp0.clone().requires_grad_(True)
-    theirs = rl.aggregate(REFERENCE[name](lp, ref, old), mask, mode)
+    theirs = rl.aggregate(_reference(presets.get(name).name, lp, ref, old, mask), mask, mode)
     (g_theirs,) = torch.autograd.grad(theirs, lp)
     torch.testing.assert_close(out.loss, theirs, rtol=1e-10, atol=1e-12)
     _assert_grad_close(g_ours, g_theirs, logp0, ref, old)
@@ -213,3 +272,102 @@ def test_unknown_preset_and_verl_full():
         presets.get("verl:full")
     with pytest.raises(KlestError, match="exists"):
         presets.register(presets.get("trl:grpo"))
+
+
+def test_names_carry_the_release_and_plain_names_mean_the_newest():
+    names = presets.names()
+    assert all("@" in n for n in names)
+    assert {"nemo_rl@0.6.0:k3", "nemo_rl@0.7.0:k3", "verl@0.9.1:low_var_kl"} <= set(names)
+    assert presets.get("nemo_rl:k3").name == "nemo_rl@0.7.0:k3"  # newest known release
+    assert presets.get("nemo_rl@0.6.0:k3").name == "nemo_rl@0.6.0:k3"
+    assert presets.get("verl:low_var_kl") is presets.get("verl@0.9.1:low_var_kl")
+    for name in REFERENCE:  # every old-style name still resolves, to the newest release
+        fw, _, option = name.partition(":")
+        short = f"{fw.partition('@')[0]}:{option}"
+        assert presets.get(short).name.startswith(fw.partition("@")[0] + "@")
+    with pytest.raises(KlestError, match="unknown preset"):
+        presets.get("nemo_rl@0.5.0:k3")
+    with pytest.raises(KlestError, match="full"):
+        presets.get("verl@0.9.1:full")
+
+
+def test_nemo_rl_070_own_test_cases():
+    """NeMo-RL 0.7.0's calculate_kl test cases, through klest's options and the preset."""
+    # logp = [-3, -1], ref 0, input clamp 2, k3 with a differentiable weight of 1: the first
+    # token's clamp binds, so it gets no gradient at all; the second gets w·(k3 - k3') = -ℓ = -1
+    lp = torch.tensor([[-3.0, -1.0]], dtype=torch.float64, requires_grad=True)
+    ref = torch.zeros(1, 2, dtype=torch.float64)
+    kw = dict(estimator="k3", gradient="as_written", weight="differentiable")
+    out = rl.kl_per_token(lp, ref, clamp=2.0, clamp_stops_gradient=True, **kw)
+    (g,) = torch.autograd.grad(out.sum(), lp)
+    torch.testing.assert_close(g, torch.tensor([[0.0, -1.0]], dtype=torch.float64))
+    torch.testing.assert_close(  # values: k3 at the clamped L = 2, and at L = 1
+        out.detach(), torch.tensor([[math.e**2 - 3, math.e - 2]], dtype=torch.float64)
+    )
+    # a weight of 100 with an output clamp of 1 on the product: value 1, gradient 0
+    lp = torch.tensor([[-1.0]], dtype=torch.float64, requires_grad=True)
+    old = lp.detach() - math.log(100.0)
+    out = rl.kl_per_token(
+        lp,
+        torch.zeros(1, 1, dtype=torch.float64),
+        old_logp=old,
+        value_clamp=1.0,
+        clamp_weighted=True,
+        **kw,
+    )
+    (g,) = torch.autograd.grad(out.sum(), lp)
+    assert out.item() == 1.0 and g.item() == 0.0
+    # the same through the 0.7.0 preset, and what 0.6.0 did instead (weight outside the clamp)
+    p7, p6 = presets.get("nemo_rl@0.7.0:k3:importance_weight"), presets.get("nemo_rl@0.6.0:k3")
+    lp = torch.tensor([[-1.0]], dtype=torch.float64, requires_grad=True)
+    v7 = p7(lp, torch.zeros(1, 1, dtype=torch.float64), old_logp=lp.detach() - math.log(100.0))
+    assert v7.item() == 10.0  # 100 · (e - 2) clipped to 10
+    (g,) = torch.autograd.grad(v7.sum(), lp)
+    assert g.item() == 0.0
+    v6 = p6(lp, torch.tensor([[-25.0]], dtype=torch.float64))
+    (g6,) = torch.autograd.grad(v6.sum(), lp)
+    assert v6.item() == 10.0 and g6.item() == 0.0  # 0.6.0: the value clamp of k3 itself
+
+
+def _trl_normaliser(loss_type, per_token_loss, mask, max_completion_length, n_global):
+    """TRL GRPOTrainer._compute_loss's reductions, written out (one process)."""
+    m = mask.to(per_token_loss.dtype)
+    x = per_token_loss * m
+    if loss_type == "grpo":
+        return (x.sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
+    if loss_type == "bnpo":
+        return x.sum() / m.sum().clamp(min=1.0)
+    if loss_type == "dr_grpo":
+        return x.sum() / (per_token_loss.size(0) * max_completion_length)
+    return x.sum() / n_global  # dapo: num_items_in_batch / num_processes, one process
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+def test_trl_loss_types_match_trl_normalisers(loss_type):
+    logp0, ref, _, mask, _ = _inputs(3)
+    assert not mask[2].any()  # an empty row: TRL's grpo still counts it
+    lp = logp0.clone().requires_grad_(True)
+    x = trl(lp, ref, None)
+    ours = rl.aggregate(x, mask, f"trl:{loss_type}", horizon=64)
+    theirs = _trl_normaliser(loss_type, x, mask, 64, mask.sum())
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=0)
+    (g1,) = torch.autograd.grad(ours, lp, retain_graph=True)
+    (g2,) = torch.autograd.grad(theirs, lp)
+    torch.testing.assert_close(g1, g2, rtol=1e-12, atol=0)
+    fused = presets.get("trl:grpo").loss(
+        logp0, ref, mask=mask, aggregation=f"trl:{loss_type}", horizon=64
+    )
+    torch.testing.assert_close(fused.loss, theirs.detach(), rtol=1e-10, atol=0)
+
+
+def test_verl_token_sum_and_sum_norm_with_an_empty_row():
+    logp0, ref, _, mask, _ = _inputs(4)
+    x = verl("low_var_kl")(logp0, ref, None)
+    m = mask.to(x.dtype)
+    torch.testing.assert_close(rl.aggregate(x, mask, "token-sum"), (x * m).sum())
+    non_empty = int((m.sum(-1) > 0).sum())
+    assert non_empty == B - 1
+    torch.testing.assert_close(
+        rl.aggregate(x, mask, "seq-mean-token-sum-norm", horizon=50),
+        (x * m).sum() / (non_empty * 50),
+    )

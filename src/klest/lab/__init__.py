@@ -1,5 +1,6 @@
 """The experiment lab: distributions from specs, ground truth, a streaming Monte Carlo engine, and
-the experiments behind ``klest reproduce``, ``klest compare`` and ``klest sweep``.
+the experiments behind ``klest reproduce``, ``klest compare`` and ``klest sweep``; the exact
+gradient lab behind ``klest gradients`` is :mod:`klest.lab.gradients` (torch, imported on use).
 
 ``import klest`` does not import this package; importing it loads NumPy only. SciPy (quantiles,
 quadrature, special functions), matplotlib, rich and torch are imported by the functions that

@@ -41,10 +41,46 @@ __all__ = [
 ]
 
 _LOG_2PI = math.log(2 * math.pi)
+_TINY = float(np.nextafter(0.0, 1.0))  # the smallest positive double
+_BELOW_ONE = float(np.nextafter(1.0, 0.0))
+
+
+def _log_distance(end: float, side: float, t: np.ndarray, loc: float) -> np.ndarray:
+    """log|x - loc| at x = end + side·e^t, without forming x where e^t is huge or tiny."""
+    t = np.asarray(t, dtype=np.float64)
+    delta = end - loc
+    if delta == 0.0:
+        return t
+    with np.errstate(all="ignore"):
+        ld = math.log(abs(delta))
+        # x - loc = e^t·(side + delta·e^-t) where e^t dominates, delta·(1 + side·e^t/delta) else
+        big = t > ld
+        tb = np.where(big, t, ld + 1.0)
+        ts = np.where(big, ld - 1.0, t)
+        far = tb + np.log(np.abs(side + delta * np.exp(-tb)))
+        near = ld + np.log(np.abs(1.0 + side * np.exp(ts) / delta))
+        return np.where(big, far, near)
+
+
+def log_gamma_ratio_remainder(x: float) -> float:
+    """R(x) = log Γ(x + ½) - log Γ(x) - ½ log x, without cancellation for large x.
+
+    For x >= 30 the asymptotic series -1/(8x) + 1/(192x³) - 1/(640x⁵) + 17/(14336x⁷)
+    - 31/(18432x⁹) + 691/(180224x¹¹) (next term below 1e-19 relative there); else lgamma.
+    """
+    if x < 30.0:
+        return math.lgamma(x + 0.5) - math.lgamma(x) - 0.5 * math.log(x)
+    y = 1.0 / (x * x)
+    series = (-1 / 8) + y * (
+        1 / 192 + y * (-1 / 640 + y * (17 / 14336 + y * (-31 / 18432 + y * 691 / 180224)))
+    )
+    return series / x
 
 
 def _fmt(v: float) -> str:
-    return f"{v:g}"
+    """The shortest text that reads back as exactly v (repr), '1' rather than '1.0'."""
+    s = repr(float(v))
+    return s[:-2] if s.endswith(".0") else s
 
 
 class Distribution:
@@ -78,6 +114,50 @@ class Distribution:
         """A frozen SciPy distribution with the same law (univariate families only), or None."""
         return None
 
+    def logpdf_at(self, end: float, side: float, t: np.ndarray) -> np.ndarray:
+        """log density at x = end + side·e^t (univariate), for any real t: the coordinate in
+        which ground truth integrates far tails (end = 0, t → +∞) and the neighbourhood of a
+        finite end of the support (t → -∞), where x itself is not representable.
+
+        This default evaluates :meth:`logpdf` where x is representable (finite, distinct from
+        ``end``, e^t at most e^100) and continues the log density linearly in t beyond — exact
+        for power-law tails and x^(a-1) singularities; the lab's families override it with their
+        exact formulas.
+        """
+        t = np.asarray(t, dtype=np.float64)
+        t_hi = 100.0
+        t_lo = -740.0 if end == 0 else math.log(abs(end)) - 20.0  # distance exact to ~1e-7
+        inside = (t >= t_lo) & (t <= t_hi)
+        out = np.full(t.shape, np.nan)
+        if np.any(inside):
+            out[inside] = self._logpdf_offset(end, side, t[inside])
+        for edge, other in ((t_hi, t_hi - 5.0), (t_lo, t_lo + 5.0)):
+            far = (t > t_hi) if edge == t_hi else (t < t_lo)
+            if not np.any(far):
+                continue
+            with np.errstate(all="ignore"):
+                xs = end + side * np.exp(np.array([edge, other]))
+                ref = np.log(side * (xs - end))  # the distances x actually has
+                y = np.asarray(self.logpdf(xs), dtype=np.float64)
+                slope = (y[0] - y[1]) / (ref[0] - ref[1])
+                ext = y[0] + slope * (t[far] - ref[0])
+            out[far] = ext if np.all(np.isfinite(y)) else np.where(y[0] == -np.inf, -np.inf, np.nan)
+        return out
+
+    def _logpdf_offset(self, end: float, side: float, t: np.ndarray) -> np.ndarray:
+        x = end + side * np.exp(t)
+        with np.errstate(all="ignore"):
+            return np.asarray(self.logpdf(x), dtype=np.float64)
+
+    def log_ratios(self, rng: np.random.Generator, n: int, ps: Any) -> list[np.ndarray]:
+        """n draws x ~ self and, for each p in ``ps``, L = log p(x) - log self(x) (common draws).
+        Families whose draws can fall where x is not representable (small-shape gamma and beta
+        near 0 or 1) override this to evaluate both densities in :meth:`logpdf_at` coordinates."""
+        x = self.sample(rng, n)
+        with np.errstate(all="ignore"):
+            lq = np.asarray(self.logpdf(x), dtype=np.float64)
+            return [np.asarray(p.logpdf(x), dtype=np.float64) - lq for p in ps]
+
     def enumerate_support(self, tol: float = 1e-17) -> np.ndarray:
         """Discrete families: integer points holding all but ``tol`` of the mass."""
         raise KlestError(f"{self.spec} is not discrete", argument="q")
@@ -110,6 +190,11 @@ class Normal(Distribution):
         z = (np.asarray(x, dtype=np.float64) - self.loc) / self.scale
         return -0.5 * z * z - (math.log(self.scale) + 0.5 * _LOG_2PI)
 
+    def logpdf_at(self, end: float, side: float, t: np.ndarray) -> np.ndarray:
+        lz = _log_distance(end, side, t, self.loc) - math.log(self.scale)
+        with np.errstate(over="ignore"):
+            return -0.5 * np.exp(2.0 * lz) - (math.log(self.scale) + 0.5 * _LOG_2PI)
+
     @property
     def spec(self) -> str:
         return f"normal({_fmt(self.loc)}, {_fmt(self.scale)})"
@@ -132,16 +217,25 @@ class StudentT(Distribution):
     def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
         return self.loc + self.scale * rng.standard_t(self.df, n)
 
+    def log_normaliser(self) -> float:
+        """log Γ((ν+1)/2) - log Γ(ν/2) - ½ log(νπ) - log scale, accurate for any ν: for large ν
+        as -½ log 2π + R(ν/2) - log scale with R(x) = log Γ(x+½) - log Γ(x) - ½ log x from its
+        asymptotic series (two lgamma of size ν log ν would cancel to 1e-10 absolute at
+        ν = 1e5)."""
+        return -0.5 * _LOG_2PI + log_gamma_ratio_remainder(self.df / 2) - math.log(self.scale)
+
     def logpdf(self, x: np.ndarray) -> np.ndarray:
         nu = self.df
         z = (np.asarray(x, dtype=np.float64) - self.loc) / self.scale
-        const = (
-            math.lgamma((nu + 1) / 2)
-            - math.lgamma(nu / 2)
-            - 0.5 * math.log(nu * math.pi)
-            - math.log(self.scale)
-        )
-        return const - (nu + 1) / 2 * np.log1p(z * z / nu)
+        return self.log_normaliser() - (nu + 1) / 2 * np.log1p(z * z / nu)
+
+    def logpdf_at(self, end: float, side: float, t: np.ndarray) -> np.ndarray:
+        nu = self.df
+        # log(z²/ν), then log1p(e^v) without overflow
+        v = 2.0 * (_log_distance(end, side, t, self.loc) - math.log(self.scale)) - math.log(nu)
+        with np.errstate(over="ignore"):
+            l1p = np.where(v > 30.0, v + np.log1p(np.exp(-np.abs(v))), np.log1p(np.exp(v)))
+        return self.log_normaliser() - (nu + 1) / 2 * l1p
 
     @property
     def spec(self) -> str:
@@ -168,6 +262,11 @@ class Laplace(Distribution):
         z = np.abs(np.asarray(x, dtype=np.float64) - self.loc) / self.scale
         return -z - math.log(2 * self.scale)
 
+    def logpdf_at(self, end: float, side: float, t: np.ndarray) -> np.ndarray:
+        lz = _log_distance(end, side, t, self.loc) - math.log(self.scale)
+        with np.errstate(over="ignore"):
+            return -np.exp(lz) - math.log(2 * self.scale)
+
     @property
     def spec(self) -> str:
         return f"laplace({_fmt(self.loc)}, {_fmt(self.scale)})"
@@ -192,6 +291,12 @@ class Logistic(Distribution):
     def logpdf(self, x: np.ndarray) -> np.ndarray:
         z = -np.abs(np.asarray(x, dtype=np.float64) - self.loc) / self.scale
         return z - 2 * np.log1p(np.exp(z)) - math.log(self.scale)
+
+    def logpdf_at(self, end: float, side: float, t: np.ndarray) -> np.ndarray:
+        lz = _log_distance(end, side, t, self.loc) - math.log(self.scale)
+        with np.errstate(over="ignore", under="ignore"):
+            z = np.exp(lz)
+            return -z - 2 * np.log1p(np.exp(-z)) - math.log(self.scale)
 
     @property
     def spec(self) -> str:
@@ -218,6 +323,12 @@ class Exponential(Distribution):
         with np.errstate(invalid="ignore"):
             return np.where(x >= 0, math.log(self.rate) - self.rate * x, -np.inf)
 
+    def logpdf_at(self, end: float, side: float, t: np.ndarray) -> np.ndarray:
+        if end != 0.0 or side < 0:
+            return super().logpdf_at(end, side, t)
+        with np.errstate(over="ignore"):
+            return math.log(self.rate) - self.rate * np.exp(np.asarray(t, dtype=np.float64))
+
     @property
     def spec(self) -> str:
         return f"exponential({_fmt(self.rate)})"
@@ -240,8 +351,29 @@ class Gamma(Distribution):
     rate: float = 1.0
     name = "gamma"
 
+    def log_sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        """log x for n draws: for shape a < 1 as log G(a+1) + log(U)/a (G(a) = G(a+1)·U^(1/a)),
+        whose small values (e^-1000 and less for a = 0.01) x itself cannot hold."""
+        a = self.shape
+        if a >= 1.0:
+            return np.log(rng.gamma(a, 1.0, n)) - math.log(self.rate)
+        g = rng.gamma(a + 1.0, 1.0, n)
+        u = rng.random(n)
+        with np.errstate(divide="ignore"):
+            lu = np.log(u)
+        lu = np.where(u > 0, lu, math.log(2.0**-53))  # u = 0 has probability 2^-53 per draw
+        return np.log(g) + lu / a - math.log(self.rate)
+
     def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
-        return rng.gamma(self.shape, 1.0 / self.rate, n)
+        # x > 0 always: a draw below the smallest positive double is held at it (its log-ratio
+        # is exact through log_ratios, which works with log x)
+        return np.maximum(np.exp(self.log_sample(rng, n)), _TINY)
+
+    def log_ratios(self, rng: np.random.Generator, n: int, ps: Any) -> list[np.ndarray]:
+        t = self.log_sample(rng, n)
+        with np.errstate(all="ignore"):
+            lq = self.logpdf_at(0.0, 1.0, t)
+            return [np.asarray(p.logpdf_at(0.0, 1.0, t), dtype=np.float64) - lq for p in ps]
 
     def logpdf(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x, dtype=np.float64)
@@ -250,6 +382,14 @@ class Gamma(Distribution):
         xs = np.where(pos, x, 1.0)
         val = a * math.log(b) - math.lgamma(a) + (a - 1) * np.log(xs) - b * xs
         return np.where(pos, val, -np.inf)
+
+    def logpdf_at(self, end: float, side: float, t: np.ndarray) -> np.ndarray:
+        if end != 0.0 or side < 0:
+            return super().logpdf_at(end, side, t)
+        a, b = self.shape, self.rate
+        t = np.asarray(t, dtype=np.float64)
+        with np.errstate(over="ignore"):
+            return a * math.log(b) - math.lgamma(a) + (a - 1) * t - b * np.exp(t)
 
     @property
     def spec(self) -> str:
@@ -273,16 +413,56 @@ class Beta(Distribution):
     b: float = 1.0
     name = "beta"
 
+    def _log_draws(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """(log x, log(1 - x)) for n draws, x = G_a/(G_a + G_b) with the gamma draws taken in
+        log space (see :meth:`Gamma.log_sample`), so that neither end rounds to 0 or 1."""
+        la = Gamma(self.a).log_sample(rng, n)
+        lb = Gamma(self.b).log_sample(rng, n)
+        ls = np.logaddexp(la, lb)
+        return la - ls, lb - ls
+
     def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
-        return rng.beta(self.a, self.b, n)
+        lx, l1x = self._log_draws(rng, n)
+        x = np.where(lx < -math.log(2.0), np.exp(lx), -np.expm1(l1x))
+        return np.clip(x, _TINY, _BELOW_ONE)  # inside (0, 1) always
+
+    def log_ratios(self, rng: np.random.Generator, n: int, ps: Any) -> list[np.ndarray]:
+        lx, l1x = self._log_draws(rng, n)
+        low = lx < -math.log(2.0)  # distance to 0 (t = log x) or to 1 (t = log(1 - x))
+        with np.errstate(all="ignore"):
+
+            def at(d: Any) -> np.ndarray:
+                return np.where(
+                    low,
+                    np.asarray(d.logpdf_at(0.0, 1.0, np.where(low, lx, -1.0))),
+                    np.asarray(d.logpdf_at(1.0, -1.0, np.where(low, -1.0, l1x))),
+                )
+
+            lq = at(self)
+            return [at(p) - lq for p in ps]
+
+    def _lbeta(self) -> float:
+        return math.lgamma(self.a) + math.lgamma(self.b) - math.lgamma(self.a + self.b)
 
     def logpdf(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x, dtype=np.float64)
         inside = (x > 0) & (x < 1)
         xs = np.where(inside, x, 0.5)
-        lbeta = math.lgamma(self.a) + math.lgamma(self.b) - math.lgamma(self.a + self.b)
-        val = (self.a - 1) * np.log(xs) + (self.b - 1) * np.log1p(-xs) - lbeta
+        val = (self.a - 1) * np.log(xs) + (self.b - 1) * np.log1p(-xs) - self._lbeta()
         return np.where(inside, val, -np.inf)
+
+    def logpdf_at(self, end: float, side: float, t: np.ndarray) -> np.ndarray:
+        t = np.asarray(t, dtype=np.float64)
+        if (end, side) == (0.0, 1.0):
+            near, other = self.a, self.b
+        elif (end, side) == (1.0, -1.0):
+            near, other = self.b, self.a
+        else:
+            return super().logpdf_at(end, side, t)
+        with np.errstate(all="ignore"):
+            ts = np.minimum(t, -1e-300)
+            val = (near - 1) * ts + (other - 1) * np.log1p(-np.exp(ts)) - self._lbeta()
+        return np.where(t < 0, val, -np.inf)
 
     @property
     def spec(self) -> str:
@@ -478,6 +658,16 @@ class Mixture(Distribution):
         with np.errstate(divide="ignore"):
             return ms + np.log(np.sum(np.exp(terms - ms), axis=0))
 
+    def logpdf_at(self, end: float, side: float, t: np.ndarray) -> np.ndarray:
+        t = np.asarray(t, dtype=np.float64)
+        terms = [
+            math.log(w) + np.asarray(c.logpdf_at(end, side, t), dtype=np.float64)
+            for w, c in zip(self.weights, self.components, strict=True)
+            if w > 0
+        ]
+        with np.errstate(all="ignore"):
+            return np.logaddexp.reduce(np.stack(terms), axis=0)
+
     @property
     def spec(self) -> str:
         w = ", ".join(_fmt(v) for v in self.weights)
@@ -557,6 +747,14 @@ class ScipyDistribution(Distribution):
     def scipy(self) -> Any:
         return self.frozen
 
+    def logpdf_at(self, end: float, side: float, t: np.ndarray) -> np.ndarray:
+        # SciPy's logpdf is log(pdf) for many families, -inf wherever pdf underflows: where the
+        # lab has the same family, its exact log-space formula serves the far tails
+        twin = _scipy_twin(self.frozen)
+        if twin is not None:
+            return twin.logpdf_at(end, side, t)
+        return super().logpdf_at(end, side, t)
+
     def enumerate_support(self, tol: float = 1e-17) -> np.ndarray:
         if not self.discrete:
             return super().enumerate_support(tol)
@@ -585,6 +783,9 @@ class TorchDistribution(Distribution):
         self.dim = int(shape[0]) if shape else 1
         self.discrete = bool(getattr(dist.support, "is_discrete", False))
         self.name = type(dist).__name__
+        # densities are evaluated in float64 where the family can be rebuilt with float64
+        # parameters (a float32 normal's log_prob is -inf beyond |x| ≈ 1e19); draws keep dist's
+        self.dist64 = _float64_twin(dist)
 
     def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
         torch = self.torch
@@ -594,32 +795,51 @@ class TorchDistribution(Distribution):
             x = self.dist.sample((n,))
         return x.detach().to(torch.float64).numpy()
 
+    def float_dtype(self) -> Any:
+        """The floating dtype to evaluate log_prob in: the distribution's own (from its mean, or
+        from a draw where it has no mean, as a TransformedDistribution), float64 if integer."""
+        torch = self.torch
+        try:
+            dt = self.dist64.mean.dtype
+        except NotImplementedError:
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                dt = self.dist.sample().dtype
+        return dt if dt.is_floating_point else torch.float64
+
+    def _a_point(self, dtype: Any) -> Any:
+        """Some point of the support (a draw), to stand in where log_prob is undefined."""
+        torch = self.torch
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return self.dist.sample().to(dtype)
+
     def logpdf(self, x: np.ndarray) -> np.ndarray:
         torch = self.torch
         x = np.asarray(x, dtype=np.float64)
-        dtype = self.dist.mean.dtype if self.dist.mean.dtype.is_floating_point else torch.float64
-        if self.discrete:  # -inf off the integer support; log_prob only where it is defined
-            lo, hi = self.support
-            ok = (x >= lo) & (x <= hi) & (x == np.floor(x))
-            out = np.full(x.shape, -np.inf)
-            if np.any(ok):
-                with torch.no_grad():
-                    vals = self.dist.log_prob(torch.as_tensor(x[ok], dtype=dtype))
-                out[ok] = vals.detach().to(torch.float64).numpy()
-            return out
+        dtype = self.float_dtype()
         t = torch.as_tensor(x, dtype=dtype)
         with torch.no_grad():
             try:
-                res = self.dist.log_prob(t)
-            except ValueError:  # outside the support with validate_args on
-                inside = self.dist.support.check(t)
-                safe = torch.where(inside, t, self.dist.mean.to(dtype))
-                res = torch.where(inside, self.dist.log_prob(safe), -torch.inf)
+                res = self.dist64.log_prob(t)
+            except (ValueError, RuntimeError):  # outside the support with validate_args on
+                try:
+                    inside = self.dist.support.check(t)
+                    wide = inside.reshape(inside.shape + (1,) * (t.dim() - inside.dim()))
+                    safe = torch.where(wide, t, self._a_point(dtype))
+                    res = torch.where(inside, self.dist64.log_prob(safe), -torch.inf)
+                except (ValueError, RuntimeError) as err:
+                    raise KlestError(
+                        f"{self.spec} cannot evaluate log_prob at points of shape "
+                        f"{tuple(x.shape)}: {str(err).splitlines()[0]}",
+                        argument="p",
+                    ) from None
         return res.detach().to(torch.float64).numpy()
 
     @property
     def support(self) -> tuple[float, float]:
         c = self.dist.support
+        if c is self.torch.distributions.constraints.boolean:
+            return (0.0, 1.0)
         lo = getattr(c, "lower_bound", -math.inf)
         hi = getattr(c, "upper_bound", math.inf)
         return (float(lo), float(hi))
@@ -628,10 +848,18 @@ class TorchDistribution(Distribution):
         if not self.discrete:
             return super().enumerate_support(tol)
         if self.dist.has_enumerate_support:
-            vals = self.dist.enumerate_support(expand=False).reshape(-1)
+            vals = self.dist.enumerate_support(expand=False)
+            vals = vals.reshape(-1, self.dim) if self.dim > 1 else vals.reshape(-1)
             return vals.detach().to(self.torch.float64).numpy()
         lo, hi = self.support
-        mean, sd = float(self.dist.mean), float(self.dist.stddev)
+        if self.dim > 1 or math.isinf(lo):
+            raise KlestError(f"{self.spec}: cannot enumerate its support", argument="q")
+        try:
+            mean, sd = float(self.dist.mean), float(self.dist.stddev)
+        except NotImplementedError:
+            raise KlestError(
+                f"{self.spec} has no mean: cannot bound its support", argument="q"
+            ) from None
         top = hi if math.isfinite(hi) else math.ceil(mean + 12 * sd + 40)
         return np.arange(int(lo), int(top) + 1, dtype=np.float64)
 
@@ -646,8 +874,8 @@ class TorchDistribution(Distribution):
         if self.discrete or self.dim != 1:
             return []
         torch = self.torch
-        dist = self.dist
-        dtype = dist.mean.dtype if dist.mean.dtype.is_floating_point else torch.float64
+        dist = self.dist64
+        dtype = self.float_dtype()
         probs = [1e-12, 1e-6, 0.01, 0.25, 0.5, 0.75, 0.99, 1 - 1e-6, 1 - 1e-12]
         try:
             with torch.no_grad():
@@ -658,14 +886,66 @@ class TorchDistribution(Distribution):
         pts = [v for v in pts if math.isfinite(v)]
         if len(pts) >= 3:
             return sorted(set(pts))
-        with torch.no_grad():
-            mean, sd = float(dist.mean), float(dist.stddev)
+        try:
+            with torch.no_grad():
+                mean, sd = float(dist.mean), float(dist.stddev)
+        except NotImplementedError:  # no moments (a TransformedDistribution): no break points
+            return []
         if not (math.isfinite(mean) and math.isfinite(sd) and sd > 0):
             mean = float(getattr(dist, "loc", 0.0))
             sd = float(getattr(dist, "scale", 1.0))
         lo, hi = self.support
         pts = [mean + k * sd for k in (-40, -10, -3, -1, 0, 1, 3, 10, 40)]
         return sorted({v for v in pts if lo < v < hi})
+
+
+def _scipy_twin(frozen: Any) -> Distribution | None:
+    """The lab's distribution with the same law as a frozen SciPy one, where the family is one
+    the lab has (used for log densities only), else None."""
+    try:
+        shapes, loc, scale = frozen.dist._parse_args(*frozen.args, **frozen.kwds)
+        name = frozen.dist.name
+        loc, scale = float(loc), float(scale)
+        if name == "norm":
+            return Normal(loc, scale)
+        if name == "t":
+            return StudentT(float(shapes[0]), loc, scale)
+        if name == "laplace":
+            return Laplace(loc, scale)
+        if name == "logistic":
+            return Logistic(loc, scale)
+        if name == "uniform":
+            return Uniform(loc, loc + scale)
+        if loc != 0.0:
+            return None
+        if name == "expon":
+            return Exponential(1.0 / scale)
+        if name == "gamma":
+            return Gamma(float(shapes[0]), 1.0 / scale)
+        if name == "beta" and scale == 1.0:
+            return Beta(float(shapes[0]), float(shapes[1]))
+    except (AttributeError, TypeError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _float64_twin(dist: Any) -> Any:
+    """``dist`` rebuilt from its parameters in float64 (same type, same law), or ``dist``
+    itself where it is float64 already or cannot be rebuilt so."""
+    import torch
+
+    try:
+        if dist.mean.dtype == torch.float64 or not dist.mean.dtype.is_floating_point:
+            return dist
+    except NotImplementedError:
+        return dist
+    try:
+        names = [k for k in dist.arg_constraints if k in vars(dist)]
+        kwargs = {k: getattr(dist, k).detach().to(torch.float64) for k in names}
+        twin = type(dist)(**kwargs, validate_args=False)
+        return twin if twin.mean.dtype == torch.float64 else dist
+    except Exception:  # families with other constructors keep their own dtype
+        return dist
 
 
 def as_distribution(obj: Any, *, variables: dict[str, float] | None = None) -> Distribution:

@@ -34,6 +34,7 @@ __all__ = [
     "ROW_KEYS",
     "compare",
     "normal_shift_expected",
+    "probe_writable",
     "read_rows",
     "reproduce",
     "sweep",
@@ -115,6 +116,8 @@ def _row(
     true = t.value
     std = res.std
     reliable = bool(res.reliable) and variance_finite is not False
+    # p = q (a sweep crossing it): the truth is 0, every ratio to it is undefined ('-')
+    defined = true != 0
     return {
         "q": q.spec,
         "p": p.spec,
@@ -124,11 +127,11 @@ def _row(
         "truth_source": t.source,
         "truth_stderr": t.stderr if t.approximate else None,
         "mean": res.mean,
-        "bias_over_true": (res.mean - true) / true,
-        "stdev_over_true": std / abs(true),
-        "expected_bias_over_true": None if expected is None else expected[0],
-        "expected_stdev_over_true": None if expected is None else expected[1],
-        "stderr_bias_over_true": std / abs(true) / math.sqrt(res.n),
+        "bias_over_true": (res.mean - true) / true if defined else None,
+        "stdev_over_true": std / abs(true) if defined else None,
+        "expected_bias_over_true": None if expected is None or not defined else expected[0],
+        "expected_stdev_over_true": None if expected is None or not defined else expected[1],
+        "stderr_bias_over_true": std / abs(true) / math.sqrt(res.n) if defined else None,
         "stdev_reliable": reliable,
         "variance_finite": variance_finite,
         "max_share": res.max_share,
@@ -149,11 +152,6 @@ def _checked_truth(q: D.Distribution, p: D.Distribution, target: str, seed: int)
         raise KlestError(
             f"the true {target} of p = {p.spec} from q = {q.spec} is +inf ({why}); "
             "bias/true is undefined",
-            argument="p",
-        )
-    if t.value == 0:
-        raise KlestError(
-            f"the true {target} is 0 (p = q): bias/true and stdev/true are undefined",
             argument="p",
         )
     if not math.isfinite(t.value):
@@ -198,6 +196,8 @@ def _expected_generic(
     if mom is None:
         return None, None
     mean, var = mom
+    if t.value == 0:  # p = q: the ratios to the truth are undefined
+        return None, math.isfinite(var)
     # The exact mean E_q[v] over q's support: every estimator but k2 is unbiased only when
     # E_q[r] = 1, which fails where p puts mass outside q's support (q = Exponential(1),
     # p = N(0, 1): E_q[r - 1] = -1/2). Quadrature's last digits (|bias| < 1e-9) read as 0.
@@ -227,6 +227,8 @@ def reproduce(
 
     def expected(p: D.Distribution, name: str) -> tuple[tuple[float, float] | None, bool | None]:
         assert isinstance(p, D.Normal)
+        if p.loc == 0:  # p = q: the ratios to the truth (0) are undefined
+            return None, True
         try:
             return normal_shift_expected(p.loc, name), True
         except KlestError:
@@ -369,30 +371,91 @@ def sweep(
         "estimators": ",".join(estimators),
         "grid": _grid_text(values),
     }
-    rows: list[dict[str, Any]] = []
     path = Path(out) if out is not None else None
-    if path is not None and path.exists():
-        rows = read_rows(path)
-        for i, r in enumerate(rows):
-            missing = [k for k in (*config, "value", "estimator") if k not in r]
-            if missing:
+    if path is None:
+        return _sweep_points(
+            q, p, param, values, estimators, n, seed, config, None, [], workers, on_point, progress
+        )
+    try:
+        probe_writable(path)  # before any work: a run must not end in an unwritable file
+    except OSError as e:
+        raise KlestError(f"cannot write {path}: {e.strerror or e}", argument="out") from None
+    with _sweep_lock(path):
+        rows = _read_sweep(path, config) if path.exists() else []
+        return _sweep_points(
+            q,
+            p,
+            param,
+            values,
+            estimators,
+            n,
+            seed,
+            config,
+            path,
+            rows,
+            workers,
+            on_point,
+            progress,
+        )
+
+
+def _read_sweep(path: Path, config: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rows of the sweep file ``path``, refused unless they hold the sweep of ``config``."""
+    rows = read_rows(path)
+    for i, r in enumerate(rows):
+        missing = [k for k in (*config, "value", "estimator") if k not in r]
+        if missing:
+            raise KlestError(
+                f"{path} is not a sweep file of this version: row {i + 1} has no "
+                f"{missing[0]!r}; choose another output file or delete it",
+                argument="out",
+            )
+        if not isinstance(r["value"], (int, float)) or isinstance(r["value"], bool):
+            raise KlestError(
+                f"{path} is not a sweep file: row {i + 1} has value = {r['value']!r}",
+                argument="out",
+            )
+        for k, want in config.items():
+            if not _same_setting(r.get(k), want):
                 raise KlestError(
-                    f"{path} is not a sweep file of this version: row {i + 1} has no "
-                    f"{missing[0]!r}; choose another output file or delete it",
+                    f"{path} holds a different sweep ({k} = {r.get(k)!r}, not {want!r}); "
+                    "choose another output file or delete it",
                     argument="out",
                 )
-            if not isinstance(r["value"], (int, float)) or isinstance(r["value"], bool):
-                raise KlestError(
-                    f"{path} is not a sweep file: row {i + 1} has value = {r['value']!r}",
-                    argument="out",
-                )
-            for k, want in config.items():
-                if r.get(k) != want:
-                    raise KlestError(
-                        f"{path} holds a different sweep ({k} = {r.get(k)!r}, not {want!r}); "
-                        "choose another output file or delete it",
-                        argument="out",
-                    )
+    return rows
+
+
+def _same_setting(got: Any, want: Any) -> bool:
+    """A configuration cell read back equals the setting. CSV cells lose their type (a one-value
+    grid ``"0.5"`` reads back as the number 0.5): text settings are compared as CSV writes them."""
+    if got == want:
+        return True
+    if isinstance(want, str) and isinstance(got, (int, float)) and not isinstance(got, bool):
+        return _cell_text(got) == want
+    return False
+
+
+def _cell_text(v: Any) -> str:
+    return repr(v) if isinstance(v, float) else str(v)
+
+
+def _sweep_points(
+    q: str,
+    p: str,
+    param: str,
+    values: list[float],
+    estimators: list[str],
+    n: int,
+    seed: int,
+    config: dict[str, Any],
+    path: Path | None,
+    rows: list[dict[str, Any]],
+    workers: int | None,
+    on_point: Callable[[int, int, list[dict[str, Any]]], None] | None,
+    progress: Callable[[int, int], None] | None,
+) -> list[dict[str, Any]]:
+    from .specs import parse
+
     done = {(float(r["value"]), r["estimator"]) for r in rows}
     for i, v in enumerate(values):
         if all((v, e) in done for e in estimators):
@@ -409,6 +472,10 @@ def sweep(
                 progress=progress,
             )
         ]
+        if path is not None:
+            # re-read under the lock before writing: a file changed behind the lock's back
+            # (deleted, replaced, or written by a process that does not lock) is reported
+            rows = _recheck(path, config, rows)
         rows = [r for r in rows if float(r["value"]) != float(v)] + point
         if path is not None:
             write_rows_atomic(path, rows)
@@ -417,6 +484,105 @@ def sweep(
     order = {float(v): i for i, v in enumerate(values)}
     rows.sort(key=lambda r: (order.get(float(r["value"]), math.inf), r["estimator"]))
     return rows
+
+
+def _recheck(
+    path: Path, config: dict[str, Any], rows: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """The file's rows, refused if the file no longer holds what this sweep last wrote or read."""
+    if not path.exists():
+        if rows:
+            raise KlestError(
+                f"{path} was deleted while this sweep was writing it; its finished points are "
+                "lost from the file (run the same command again to recompute them)",
+                argument="out",
+            )
+        return rows
+    now = _read_sweep(path, config)
+    if _row_keys(now) != _row_keys(rows):
+        raise KlestError(
+            f"{path} was changed by another program while this sweep was writing it "
+            f"({len(now)} rows there, {len(rows)} expected); choose another output file",
+            argument="out",
+        )
+    return now
+
+
+def _row_keys(rows: list[dict[str, Any]]) -> list[tuple[float, str]]:
+    return sorted((float(r["value"]), str(r["estimator"])) for r in rows)
+
+
+class _sweep_lock(contextlib.AbstractContextManager["_sweep_lock"]):
+    """An exclusive lock on a sweep's output file, held for the whole sweep: a second sweep on
+    the same file is refused at once (naming the process holding it), never left to overwrite
+    the first one's points. The lock is ``.<name>.lock`` beside the file (``fcntl.flock``, or an
+    ``O_EXCL`` lock file where there is no fcntl), removed on exit."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.lock = path.with_name(f".{path.name}.lock")
+        self.fd: int | None = None
+
+    def __enter__(self) -> _sweep_lock:
+        try:
+            import fcntl
+        except ImportError:  # no fcntl (Windows): an exclusive creation is the lock
+            try:
+                self.fd = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                raise self._busy() from None
+            os.write(self.fd, str(os.getpid()).encode())
+            return self
+        while True:
+            fd = os.open(self.lock, os.O_CREAT | os.O_RDWR, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                raise self._busy() from None
+            # the holder before us may have removed the file after we opened it: retry then
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.lock).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self.fd = fd
+        return self
+
+    def _busy(self) -> KlestError:
+        try:
+            holder = self.lock.read_text().strip()
+        except OSError:
+            holder = ""
+        who = f" (process {holder})" if holder.isdigit() else ""
+        return KlestError(
+            f"another sweep{who} is writing {self.path}; wait for it or choose another output "
+            f"file (lock: {self.lock})",
+            argument="out",
+        )
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.lock)  # while still holding it: a waiter re-checks the inode
+            os.close(self.fd)
+            self.fd = None
+
+
+def probe_writable(path: str | os.PathLike[str]) -> None:
+    """Raise OSError unless ``path`` can be written now; nothing is left changed: an existing
+    file is opened for appending (and closed), a new one created exclusively and removed."""
+    p = Path(path)
+    if p.exists():
+        with open(p, "ab"):
+            return
+    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    os.close(fd)
+    os.unlink(p)
 
 
 SWEEP_KEYS = (

@@ -3,25 +3,28 @@ r"""The fused per-token KL term: one pass computes the value and the gradient co
 For a policy log-prob ``logp`` the output (per token, or already reduced with the aggregation
 weights s_b m_t) has value ``w·v(L)`` (``v(L)`` with ``weight="gradient_only"``) and derivative
 ``g = s_b m_t · w · c`` with respect to ``logp``, where c is the chosen gradient coefficient (see
-:mod:`klest.rl.penalty`). Only g is saved for backward: one tensor of the computation dtype,
-whatever the estimator, clamps and weights.
+:mod:`klest.rl.penalty`). Only g is allocated for backward: one tensor of the computation dtype,
+whatever the estimator, clamps and weights; the inputs are kept by reference so that a double
+backward (``create_graph=True``) can recompute g as a differentiable function of ``logp``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
-from ._inputs import Bounds, Prepared
+from ._inputs import Bounds, Prepared, traced
 from ._kernels import Estimator, Moments, k3_blocks, moments, slope, v_minus_slope, value
 from .aggregate import reward_to_go
 
-__all__ = ["GRADIENTS", "WEIGHTS", "Spec", "apply", "compute"]
+__all__ = ["GRADIENTS", "WEIGHTS", "WEIGHT_LEVELS", "Spec", "apply", "compute"]
 
 GRADIENTS = ("reverse_kl", "forward_kl", "as_written", "sequence_reverse_kl", "none")
 WEIGHTS = ("detached", "differentiable", "gradient_only")
+WEIGHT_LEVELS = ("token", "sequence")
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,8 @@ class Spec:
     weight_clamp: Bounds | None = None
     clamp: Bounds | None = None
     value_clamp: Bounds | None = None
+    clamp_weighted: bool = False  # value_clamp clips w·v (gradient 0 where it binds), not v
+    clamp_stops_gradient: bool = False  # where the L clamp binds the gradient is 0, score included
 
 
 def _either(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
@@ -49,15 +54,22 @@ def compute(
     spec: Spec,
     scale: torch.Tensor | None,
     stats: dict[str, torch.Tensor] | None,
+    differentiable: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(output, g): the per-token values (scale None) or their weighted sum, and d output/d logp
-    per token (None when the gradient is "none"). Runs without autograd."""
-    with torch.no_grad():
+    per token (None when the gradient is "none"). Runs without autograd, or, with
+    ``differentiable`` (``prep.logp`` then carries the graph; used for double backward and under
+    ``torch.func``), out of place so that autograd can differentiate g itself: the weight keeps
+    its gradient only with ``weight="differentiable"`` (a detached weight stays detached)."""
+    with contextlib.nullcontext() if differentiable else torch.no_grad():
         cdt = prep.dtype
         m = prep.mask
         L = torch.sub(prep.ref_logp, prep.logp)  # a fresh tensor, owned here
-        if m is not None:
-            torch.where(m, L, _zero(L), out=L)  # padding can hold anything: never let it in
+        if m is not None:  # padding can hold anything: never let it in
+            if differentiable:
+                L = torch.where(m, L, _zero(L))
+            else:
+                torch.where(m, L, _zero(L), out=L)
         L_raw = L
         est = spec.estimator
         as_written = spec.gradient == "as_written"
@@ -72,6 +84,7 @@ def compute(
             and prep.old_logp is None
             and spec.value_clamp is None
             and spec.weight == "detached"
+            and not differentiable
         )
         # the fused loss needs only Σ_t v (and the moments): reduce k3 block by block in float64
         mom: Moments | None = None
@@ -82,7 +95,7 @@ def compute(
         dv = slope(est, L) if as_written else None
         if dv is not None and clipped is not None:
             dv = torch.where(clipped, _zero(dv), dv)
-        if spec.value_clamp is not None:
+        if spec.value_clamp is not None and not spec.clamp_weighted:
             lo, hi = spec.value_clamp
             vclipped = (v < lo) | (v > hi)
             v = v.clamp(lo, hi)
@@ -105,6 +118,8 @@ def compute(
         w = w_raw = None
         if prep.old_logp is not None:
             logw = prep.logp - prep.old_logp
+            if spec.weight != "differentiable":
+                logw = logw.detach()
             if m is not None:
                 logw = torch.where(m, logw, _zero(logw))
             w = w_raw = torch.exp(logw)
@@ -114,6 +129,10 @@ def compute(
                 w = w.clamp(lo, hi)
 
         vw = v if w is None or spec.weight == "gradient_only" else w * v
+        if spec.value_clamp is not None and spec.clamp_weighted:
+            lo, hi = spec.value_clamp
+            vclipped = (vw < lo) | (vw > hi)
+            vw = vw.clamp(lo, hi)
         if stats is not None:
             if mom is None:
                 mom = moments(vw, m)
@@ -130,7 +149,13 @@ def compute(
             out = (vw.sum(dim=-1, keepdim=True, dtype=torch.float64) * scale).sum().to(cdt)
         if spec.gradient == "reverse_kl":
             # c = -L_raw: reuse L_raw's buffer when no other tensor still refers to it
-            if L is L_raw and spec.value_clamp is None and w is None and scale is not None:
+            if (
+                L is L_raw
+                and spec.value_clamp is None
+                and w is None
+                and scale is not None
+                and not differentiable
+            ):
                 c = L_raw.neg_()
             else:
                 c = -L_raw
@@ -140,7 +165,8 @@ def compute(
             # v - v' is taken in closed form (k3: -L exactly, where v and v' are both ~e^L).
             assert c is not None
             g = v_minus_slope(est, L).to(cdt)
-            off = _either(clipped, vclipped)  # pathwise term zeroed by a clamp: score only
+            # pathwise term zeroed by a clamp: score only
+            off = _either(clipped, None if spec.clamp_weighted else vclipped)
             if off is not None:
                 g = torch.where(off, v.to(cdt), g)
             if wclipped is not None:  # clipped weight: no score term, pathwise only
@@ -149,11 +175,17 @@ def compute(
                 g = w * g
         elif c is not None:
             g = c if w is None else w * c
+        if g is not None and (spec.weight == "differentiable" or as_written):
+            if spec.clamp_weighted and vclipped is not None:  # d clip(w·v) = 0 where it binds
+                g = torch.where(vclipped, _zero(g), g)
+            if spec.clamp_stops_gradient and clipped is not None:
+                g = torch.where(clipped, _zero(g), g)
         if g is not None and m is not None and (spec.weight == "differentiable" or as_written):
             g = torch.where(m, g, _zero(g))  # e.g. k1's slope is 1 even where L = 0
         if g is not None and scale is not None:
             s = scale.to(cdt)
-            g = g.mul_(s) if g is c and g is L_raw and s.ndim == 0 else g * s
+            in_place = g is c and g is L_raw and s.ndim == 0 and not differentiable
+            g = g.mul_(s) if in_place else g * s
         return out, (None if g is None else g.to(cdt))
 
 
@@ -208,26 +240,51 @@ def _diagnostics(
 
 
 class _KLTerm(torch.autograd.Function):
-    @staticmethod
-    def forward(
-        ctx: Any,
-        logp: torch.Tensor,
-        prep: Prepared,
-        spec: Spec,
-        scale: torch.Tensor | None,
-        stats: dict[str, torch.Tensor] | None,
-    ) -> torch.Tensor:
-        out, g = compute(prep, spec, scale, stats)
-        assert g is not None
-        ctx.in_dtype = logp.dtype
-        ctx.save_for_backward(g)
-        return out
+    """The fused term. First-order backward multiplies by the saved g; under ``create_graph``
+    (double backward: Hessian-vector products, TRPO) g is recomputed as a function of logp so
+    that autograd differentiates it. ``setup_context`` style with a generated vmap rule, so
+    ``torch.func.grad`` and ``vmap`` work (under a transform the forward runs out of place,
+    with no host reads)."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
-        (g,) = ctx.saved_tensors
-        grad = (grad_out.to(g.dtype) * g).to(ctx.in_dtype)
-        return grad, None, None, None, None
+    def forward(
+        logp: torch.Tensor,
+        lp_c: torch.Tensor,
+        ref: torch.Tensor,
+        old: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        scale: torch.Tensor | None,
+        meta: tuple[Prepared, Spec, dict[str, torch.Tensor] | None],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # every tensor is an explicit input (not hidden in ``meta``), as vmap's rule needs
+        prep0, spec, stats = meta
+        prep = replace(prep0, logp=lp_c, ref_logp=ref, old_logp=old, mask=mask)
+        wrapped = traced(logp, lp_c, ref, old, mask, scale)
+        out, g = compute(prep, spec, scale, None if wrapped else stats, differentiable=wrapped)
+        assert g is not None
+        return out, g.detach()
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        logp, _, ref, old, mask, scale, (prep0, spec, _) = inputs
+        _, g = output
+        ctx.mark_non_differentiable(g)
+        ctx.save_for_backward(g, logp, ref, old, mask, scale)
+        ctx.prep0, ctx.spec = prep0, spec
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor, _grad_g: Any) -> tuple[Any, ...]:
+        g, logp, ref, old, mask, scale = ctx.saved_tensors
+        if torch.is_grad_enabled() and logp.requires_grad:  # create_graph: g as a function of logp
+            prep = replace(
+                ctx.prep0, logp=logp.to(ctx.prep0.dtype), ref_logp=ref, old_logp=old, mask=mask
+            )
+            _, g = compute(prep, ctx.spec, scale, None, differentiable=True)
+            assert g is not None
+        grad = (grad_out.to(g.dtype) * g).to(logp.dtype)
+        return grad, None, None, None, None, None, None
 
 
 def apply(
@@ -239,8 +296,10 @@ def apply(
 ) -> torch.Tensor:
     """The fused term with autograd to ``logp`` (or a detached result for gradient "none")."""
     if spec.gradient == "none" or not (logp.requires_grad and torch.is_grad_enabled()):
-        out, _ = compute(prep, spec, scale, stats)
+        out, _ = compute(prep, spec, scale, stats, differentiable=prep.traced)
         return out
-    out = _KLTerm.apply(logp, prep, spec, scale, stats)
+    out, _ = _KLTerm.apply(
+        logp, prep.logp, prep.ref_logp, prep.old_logp, prep.mask, scale, (prep, spec, stats)
+    )
     assert isinstance(out, torch.Tensor)
     return out

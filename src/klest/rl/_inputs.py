@@ -1,7 +1,12 @@
 """Input checks and preparation shared by every entry point of :mod:`klest.rl`.
 
 Shape, dtype, device and option checks are always made (they cost nothing). Value checks (NaN,
-infinities, mask values) follow ``klest.options(validate=...)`` since they read the data.
+infinities, mask values) follow ``klest.options(validate=...)`` since they read the data; under
+``torch.func`` transforms (vmap, grad) they are skipped, since values cannot be read there.
+
+**Masks.** A masked-out entry is ignored entirely: NaN, ±inf or anything else there is never
+checked, never reaches a value and gets gradient 0 (padding often holds garbage). The core
+(``klest.estimate(..., mask=)``) follows the same rule.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import torch
 from .._config import get_options
 from ..errors import KlestError
 
-__all__ = ["Bounds", "Prepared", "bounds", "check_mask", "prepare"]
+__all__ = ["Bounds", "Prepared", "bounds", "check_mask", "prepare", "traced"]
 
 Bounds = tuple[float, float]
 
@@ -30,6 +35,7 @@ class Prepared:
     mask: torch.Tensor | None  # bool, same shape, or None (every token valid)
     dtype: torch.dtype
     ref_finite: bool = False  # True when validation saw only finite ref_logp values
+    traced: bool = False  # inputs are torch.func (vmap/grad) wrappers: no host reads of values
 
 
 def _tensor(name: str, x: Any) -> torch.Tensor:
@@ -97,6 +103,16 @@ def bounds(name: str, value: Any, *, upper_only: bool = False) -> Bounds | None:
     return lo, hi
 
 
+def traced(*xs: Any) -> bool:
+    """Whether any tensor is a ``torch.func`` wrapper (vmap's batched or grad's tracking tensor):
+    reading its values on the host (``.item()``, ``bool()``) is then impossible or wrong."""
+    f = torch._C._functorch
+    return any(
+        isinstance(x, torch.Tensor) and (f.is_batchedtensor(x) or f.is_functorch_wrapped_tensor(x))
+        for x in xs
+    )
+
+
 def _count(cond: torch.Tensor) -> int:
     return int(cond.sum())
 
@@ -139,7 +155,8 @@ def prepare(logp: Any, ref_logp: Any, old_logp: Any = None, mask: Any = None) ->
     ref_c = ref.detach().to(dtype)
     old_c = None if old is None else old.detach().to(dtype)
     ref_finite = False
-    if get_options().validate:
+    is_traced = traced(lp, ref, old, m)
+    if get_options().validate and not is_traced:  # value checks read the data on the host
         # one pass per tensor when everything is finite (the usual case); details otherwise
 
         def valid(cond: torch.Tensor) -> torch.Tensor:
@@ -166,4 +183,4 @@ def prepare(logp: Any, ref_logp: Any, old_logp: Any = None, mask: Any = None) ->
                 valid(torch.isinf(old_c)),
                 "contains ±inf (the sampling policy cannot give its own sample zero probability)",
             )
-    return Prepared(lp_c, ref_c, old_c, m, dtype, ref_finite)
+    return Prepared(lp_c, ref_c, old_c, m, dtype, ref_finite, is_traced)

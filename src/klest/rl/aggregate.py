@@ -9,15 +9,23 @@ mode                          value
 ``"token-mean"``              :math:`\sum m x / N`, N = number of valid tokens in the whole batch
 ``"seq-mean-token-mean"``     mean over sequences of each sequence's masked mean
 ``"seq-mean-token-sum"``      mean over sequences of each sequence's masked sum
-``"seq-mean-token-sum-norm"`` :math:`\sum m x / (B \cdot H)`, B rows (all of them), H =
-                              ``horizon`` (default the sequence length): a data-independent
-                              normaliser (Dr. GRPO)
-``"sum"``                     :math:`\sum m x`
+``"seq-mean-token-sum-norm"`` :math:`\sum m x / (S \cdot H)`, S sequences, H = ``horizon``
+                              (default the sequence length): a data-independent token normaliser
+                              (Dr. GRPO)
+``"sum"``, ``"token-sum"``    :math:`\sum m x` (``token-sum`` is verl's name)
 ============================  ==================================================================
 
-"Sequences" in ``seq-mean-token-mean`` and ``seq-mean-token-sum`` are rows with at least one valid
-token (a fully padded row does not dilute the mean). An all-masked batch gives exactly 0, with zero
-(not NaN) gradients.
+"Sequences" (S) in the ``seq-mean-*`` modes are rows with at least one valid token: a fully
+padded row does not dilute the mean (as in verl 0.9.1; klest before 2026-12 divided
+``seq-mean-token-sum-norm`` by all rows). An all-masked batch gives exactly 0, with zero (not NaN)
+gradients.
+
+**TRL's loss types** (``TRL_LOSS_TYPES``): ``"trl:grpo"``, ``"trl:bnpo"``, ``"trl:dr_grpo"`` and
+``"trl:dapo"`` reproduce ``GRPOConfig.loss_type``'s normalisers per process, exactly as TRL
+1.16.0 computes them (``trl:grpo`` averages over *all* rows, empty ones included; ``trl:bnpo`` and
+``trl:dr_grpo`` use this process's counts only, never all-reduced; ``trl:dapo`` is the global
+``token-mean``). TRL then divides the first three by the gradient-accumulation steps; klest does
+not.
 
 **Data parallelism.** When ``torch.distributed`` is initialised with more than one process (or
 ``distributed=True``), the counts (N, sequences, rows) are summed over the process group and the
@@ -29,6 +37,8 @@ to divide by the global token count.
 
 from __future__ import annotations
 
+import numbers
+import operator
 from typing import Any
 
 import torch
@@ -36,7 +46,7 @@ import torch
 from ..errors import KlestError
 from ._inputs import check_mask
 
-__all__ = ["AGGREGATIONS", "aggregate", "aggregation_scale", "reward_to_go"]
+__all__ = ["AGGREGATIONS", "TRL_LOSS_TYPES", "aggregate", "aggregation_scale", "reward_to_go"]
 
 AGGREGATIONS = (
     "token-mean",
@@ -44,7 +54,17 @@ AGGREGATIONS = (
     "seq-mean-token-sum",
     "seq-mean-token-sum-norm",
     "sum",
+    "token-sum",
 )
+
+# TRL GRPOTrainer's ``loss_type`` normalisers (TRL 1.16.0, ``GRPOTrainer._compute_loss``), per
+# process, before TRL's division by the gradient-accumulation steps:
+TRL_LOSS_TYPES = {
+    "trl:grpo": "mean over all B rows of each row's masked mean (an empty row counts, as 0)",
+    "trl:bnpo": "Σ m x / max(Σ m, 1) over this process's tokens (not all-reduced)",
+    "trl:dr_grpo": "Σ m x / (B · horizon), horizon = max_completion_length (default: seq length)",
+    "trl:dapo": "Σ m x · W / N_global: token-mean over the global batch (= 'token-mean')",
+}
 
 
 def _world(distributed: bool | None, group: Any) -> int:
@@ -73,6 +93,22 @@ def _global_sum(counts: torch.Tensor, world: int, group: Any) -> torch.Tensor:
     return out
 
 
+def _horizon(horizon: Any) -> int:
+    """``horizon`` as an int >= 1 (a float such as 2.5, or a bool, is refused, not truncated)."""
+    try:
+        if isinstance(horizon, bool):
+            raise TypeError
+        h = operator.index(horizon)
+    except TypeError:
+        raise KlestError(
+            f"must be an integer number of tokens, got {type(horizon).__name__} {horizon!r}",
+            argument="horizon",
+        ) from None
+    if h < 1:
+        raise KlestError(f"must be a positive number of tokens, got {h}", argument="horizon")
+    return h
+
+
 def aggregation_scale(
     shape: tuple[int, ...],
     mask: torch.Tensor | None,
@@ -88,22 +124,22 @@ def aggregation_scale(
 
     The aggregate is :math:`\\sum_b s_b \\sum_t m_{bt} x_{bt}`. ``mask`` is bool or None.
     """
-    if mode not in AGGREGATIONS:
-        raise KlestError(
-            f"unknown aggregation {mode!r}; known: {', '.join(AGGREGATIONS)}",
-            argument="aggregation",
-        )
-    if mode.startswith("seq-") and len(shape) != 2:
+    if mode not in AGGREGATIONS and mode not in TRL_LOSS_TYPES:
+        known = ", ".join([*AGGREGATIONS, *TRL_LOSS_TYPES])
+        raise KlestError(f"unknown aggregation {mode!r}; known: {known}", argument="aggregation")
+    if (mode.startswith(("seq-", "trl:grpo", "trl:dr_grpo"))) and len(shape) != 2:
         raise KlestError(
             f"{mode!r} needs per-token tensors of shape [batch, seq], got {tuple(shape)}",
             argument="aggregation",
         )
+    f64 = torch.float64
+    if mode in TRL_LOSS_TYPES and mode != "trl:dapo":
+        return _trl_scale(shape, mask, mode, horizon, device).to(dtype)
     world = _world(distributed, group)
     w = float(world)
-    if mode == "sum":
+    if mode in ("sum", "token-sum"):
         return torch.tensor(w, dtype=dtype, device=device)
-    f64 = torch.float64
-    if mode == "token-mean":
+    if mode in ("token-mean", "trl:dapo"):
         if mask is None:
             n = torch.tensor(float(torch.Size(shape).numel()), dtype=f64, device=device)
         else:
@@ -111,20 +147,41 @@ def aggregation_scale(
         n = _global_sum(n, world, group)
         return (w / n.clamp(min=1.0)).to(dtype)
     B, T = shape
-    if mode == "seq-mean-token-sum-norm":
-        H = T if horizon is None else int(horizon)
-        if H <= 0:
-            raise KlestError("must be a positive number of tokens", argument="horizon")
-        rows = _global_sum(torch.tensor(float(B), dtype=f64, device=device), world, group)
-        return (w / (rows.clamp(min=1.0) * H)).to(dtype)
     if mask is None:
         per_row = torch.full((B, 1), float(T), dtype=f64, device=device)
     else:
         per_row = mask.sum(dim=1, keepdim=True, dtype=f64)
     seqs = _global_sum((per_row > 0).sum(dtype=f64), world, group).clamp(min=1.0)
+    if mode == "seq-mean-token-sum-norm":
+        H = T if horizon is None else _horizon(horizon)
+        return (w / (seqs * H)).to(dtype)
     if mode == "seq-mean-token-sum":
         return (w / seqs).to(dtype)
     return (w / (seqs * per_row.clamp(min=1.0))).to(dtype)  # seq-mean-token-mean
+
+
+def _trl_scale(
+    shape: tuple[int, ...],
+    mask: torch.Tensor | None,
+    mode: str,
+    horizon: Any,
+    device: torch.device | None,
+) -> torch.Tensor:
+    """TRL's per-process normalisers (float64): never all-reduced, every row counts."""
+    f64 = torch.float64
+    if mode == "trl:bnpo":
+        n = float(torch.Size(shape).numel()) if mask is None else torch.count_nonzero(mask)
+        return 1.0 / torch.as_tensor(n, dtype=f64, device=device).clamp(min=1.0)
+    B, T = shape
+    rows = float(max(B, 1))
+    if mode == "trl:dr_grpo":
+        H = T if horizon is None else _horizon(horizon)
+        return torch.tensor(1.0 / (rows * H), dtype=f64, device=device)
+    if mask is None:  # trl:grpo
+        per_row = torch.full((B, 1), float(T), dtype=f64, device=device)
+    else:
+        per_row = mask.sum(dim=1, keepdim=True, dtype=f64)
+    return 1.0 / (rows * per_row.clamp(min=1.0))
 
 
 def aggregate(
@@ -146,7 +203,7 @@ def aggregate(
     >>> x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]])
     >>> m = torch.tensor([[1, 1, 1], [1, 0, 0]])
     >>> [round(float(klest.rl.aggregate(x, m, k)), 4) for k in klest.rl.AGGREGATIONS]
-    [2.5, 3.0, 5.0, 1.6667, 10.0]
+    [2.5, 3.0, 5.0, 1.6667, 10.0, 10.0]
     """
     if not isinstance(values, torch.Tensor) or not values.is_floating_point():
         raise KlestError("must be a floating torch tensor", argument="values", value=values)
@@ -184,13 +241,21 @@ def reward_to_go(values: torch.Tensor, mask: Any = None, *, gamma: float = 1.0) 
         raise KlestError("must be a floating torch tensor", argument="values", value=values)
     if values.ndim == 0:
         raise KlestError("must have at least one dimension", argument="values", value=values)
+    if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real):
+        raise KlestError(
+            f"must be a real number in [0, 1], got {type(gamma).__name__} {gamma!r}",
+            argument="gamma",
+        )
+    gamma = float(gamma)
+    if not 0.0 <= gamma <= 1.0:  # also refuses NaN
+        raise KlestError(f"must lie in [0, 1], got {gamma}", argument="gamma")
     m = check_mask(mask, values.shape, values.device)
     x = values if m is None else torch.where(m, values, torch.zeros_like(values))
     if gamma == 1.0:
         out = torch.flip(torch.cumsum(torch.flip(x, (-1,)), dim=-1), (-1,))
+    elif x.shape[-1] == 0:
+        out = x.clone()  # no tokens: nothing to discount
     else:
-        if not 0.0 <= gamma <= 1.0:
-            raise KlestError(f"must lie in [0, 1], got {gamma}", argument="gamma")
         cols = []
         acc = torch.zeros_like(x[..., -1])
         for t in range(x.shape[-1] - 1, -1, -1):

@@ -44,7 +44,20 @@ computed; ``value_clamp`` clips the value. Both are off by default, count what t
 for ``"as_written"``, zero the gradient of the tokens they touch (as autograd of a clip does).
 The "reverse_kl"/"forward_kl" coefficients use the unclipped ℓ.
 
-Masked tokens contribute 0 to values and gradients, whatever their log-probs hold.
+**Peers' clamp conventions** (for the presets): ``clamp_weighted=True`` makes ``value_clamp`` clip
+the weighted value w·v (gradient 0 where it binds) instead of v; ``clamp_stops_gradient=True``
+gives a token whose log-ratio clamp binds no gradient at all (score term included).
+``weight_level="sequence"`` replaces the per-token weight by one per row,
+w_b = exp(Σ_t m_t (logp_t - old_t) / max(Σ_t m_t, 1)) (TRL's sequence-level importance sampling).
+
+**Masks.** A masked-out token is ignored entirely: whatever its log-probs hold (NaN, ±inf) is
+never checked and contributes 0 to values and gradients (the core follows the same rule).
+
+**Higher derivatives.** Gradients are +inf/-inf where the true derivative overflows, never NaN.
+The term is twice differentiable (``create_graph=True``: Hessian-vector products keep the KL's
+curvature) and works under ``torch.func.grad``/``vmap`` (value checks and diagnostics are skipped
+there).
+
 float16/bfloat16 inputs are computed in float32; outputs are float32 (float64 if any input is),
 gradients come back in ``logp``'s dtype.
 """
@@ -52,14 +65,14 @@ gradients come back in ``logp``'s dtype.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any, NamedTuple
 
 import torch
 
 from .._config import get_options
 from ..errors import KlestError
-from ._autograd import GRADIENTS, WEIGHTS, Spec, apply, compute
+from ._autograd import GRADIENTS, WEIGHT_LEVELS, WEIGHTS, Spec, apply, compute
 from ._inputs import Prepared, bounds, prepare
 from ._kernels import resolve
 from .aggregate import aggregation_scale
@@ -109,7 +122,22 @@ def _spec(
     clamp: Any,
     value_clamp: Any,
     old_logp: Any,
+    clamp_weighted: bool = False,
+    clamp_stops_gradient: bool = False,
+    weight_level: str = "token",
 ) -> Spec:
+    if weight_level not in WEIGHT_LEVELS:
+        raise KlestError(
+            f"must be one of {', '.join(map(repr, WEIGHT_LEVELS))}, got {weight_level!r}",
+            argument="weight_level",
+        )
+    if weight_level == "sequence" and (weight_clamp is not None or clamp_weighted):
+        raise KlestError(
+            "a sequence-level weight takes no weight_clamp and no clamp of the weighted value",
+            argument="weight_level",
+        )
+    if weight_level == "sequence" and weight == "gradient_only":
+        raise KlestError("weight='gradient_only' is a token-level option", argument="weight_level")
     if gradient not in GRADIENTS:
         raise KlestError(
             f"unknown gradient {gradient!r}; known: {', '.join(GRADIENTS)}", argument="gradient"
@@ -137,12 +165,21 @@ def _spec(
     for name, b, inside in (("clamp", c, 0.0), ("value_clamp", vc, 0.0), ("weight_clamp", wc, 1.0)):
         if b is not None and not b[0] <= inside <= b[1]:
             raise KlestError(f"bounds {b} must contain {inside}", argument=name)
-    return Spec(resolve(estimator), gradient, weight, wc, c, vc)
+    return Spec(
+        resolve(estimator),
+        gradient,
+        weight,
+        wc,
+        c,
+        vc,
+        clamp_weighted=bool(clamp_weighted),
+        clamp_stops_gradient=bool(clamp_stops_gradient),
+    )
 
 
 def _warn_infinite(prep: Prepared) -> None:
     """In validation mode, say so when π_ref gives a valid token probability 0 (KL = +inf)."""
-    if not get_options().validate or prep.ref_finite:
+    if not get_options().validate or prep.ref_finite or prep.traced:
         return
     bad = prep.ref_logp == -torch.inf
     if prep.mask is not None:
@@ -157,6 +194,50 @@ def _warn_infinite(prep: Prepared) -> None:
         )
 
 
+def _weighted_sum(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Σ_b s_b Σ_t x_bt (x is 0 on masked tokens) in float64."""
+    x = x.to(torch.float64)
+    if scale.ndim == 0:
+        return x.sum() * scale
+    return (x.sum(dim=-1, keepdim=True) * scale).sum()
+
+
+def _sequence_weight(
+    logp: torch.Tensor, prep: Prepared, spec: Spec
+) -> tuple[Prepared, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:
+    r"""Sequence-level importance weight w_b = exp(mean over row b's valid tokens of
+    (logp - old_logp)) (TRL's ``importance_sampling_level="sequence"``).
+
+    Returned as an equivalent token-level ``old_logp`` (logp - log w_b), so that the fused term
+    computes w_b·v and the gradient with w_b held fixed; for a differentiable weight also
+    (log w_b, v, w_b - sg(w_b)) whose product v·(w_b - sg w_b) adds the score term of w_b
+    (it couples the tokens of a row, so it goes through autograd)."""
+    m = prep.mask
+    if prep.old_logp is None:  # on-policy: w_b = exp(mean(logp - sg logp)) = 1, its gradient not 0
+        prep = replace(prep, old_logp=prep.logp)
+    assert prep.old_logp is not None
+    d = prep.logp - prep.old_logp
+    if m is not None:
+        d = torch.where(m, d, torch.zeros((), dtype=d.dtype, device=d.device))
+        n = m.sum(dim=-1, keepdim=True).clamp(min=1).to(d.dtype)
+    else:
+        n = torch.full_like(d[..., :1], float(max(d.shape[-1], 1)))
+    logw = d.sum(dim=-1, keepdim=True) / n
+    eff = replace(prep, old_logp=prep.logp - logw)
+    if spec.weight != "differentiable":
+        return eff, None
+    # the same log w_b as a function of logp (autograd), masked twice so padding cannot leak NaN
+    lp = logp.to(prep.dtype)
+    diff = lp - prep.old_logp
+    if m is not None:
+        diff = torch.where(m, diff, torch.zeros((), dtype=diff.dtype, device=diff.device))
+    logw_g = diff.sum(dim=-1, keepdim=True) / n
+    w = torch.exp(logw_g)
+    bare = replace(prep, old_logp=None)
+    v, _ = compute(bare, replace(spec, gradient="none", weight="detached"), None, None)
+    return eff, (logw, v, w - w.detach())
+
+
 def kl_per_token(
     logp: torch.Tensor,
     ref_logp: torch.Tensor,
@@ -169,6 +250,9 @@ def kl_per_token(
     weight_clamp: Any = None,
     clamp: Any = None,
     value_clamp: Any = None,
+    clamp_weighted: bool = False,
+    clamp_stops_gradient: bool = False,
+    weight_level: str = "token",
 ) -> torch.Tensor:
     """Per-token KL term [batch, seq] with the value of ``estimator`` and the chosen gradient.
 
@@ -177,9 +261,27 @@ def kl_per_token(
     :func:`klest.rl.aggregate`; :func:`kl_loss` does both in one fused step. All presets are built
     on this function.
     """
-    spec = _spec(estimator, gradient, weight, weight_clamp, clamp, value_clamp, old_logp)
+    spec = _spec(
+        estimator,
+        gradient,
+        weight,
+        weight_clamp,
+        clamp,
+        value_clamp,
+        old_logp,
+        clamp_weighted,
+        clamp_stops_gradient,
+        weight_level,
+    )
     prep = prepare(logp, ref_logp, old_logp, mask)
     _warn_infinite(prep)
+    if weight_level == "sequence":
+        prep, extra = _sequence_weight(logp, prep, spec)
+        out = apply(logp, prep, replace(spec, weight="detached"), None, None)
+        if extra is None:
+            return out
+        _, v, dw = extra  # v·(w_b - sg w_b): value + 0, gradient v·∇w_b (the score of w_b)
+        return out + v * dw
     return apply(logp, prep, spec, None, None)
 
 
@@ -208,7 +310,7 @@ def kl_penalty(
     spec = _spec(estimator, "none", "detached", None, clamp, value_clamp, None)
     prep = prepare(logp, ref_logp, None, mask)
     _warn_infinite(prep)
-    out, _ = compute(prep, spec, None, None)
+    out, _ = compute(prep, spec, None, None, differentiable=prep.traced)
     return out
 
 
@@ -225,6 +327,9 @@ def kl_loss(
     weight_clamp: Any = None,
     clamp: Any = None,
     value_clamp: Any = None,
+    clamp_weighted: bool = False,
+    clamp_stops_gradient: bool = False,
+    weight_level: str = "token",
     horizon: int | None = None,
     distributed: bool | None = None,
     group: Any = None,
@@ -251,9 +356,23 @@ def kl_loss(
     >>> out.loss.backward(); logp.grad  # ℓ / N: the reverse-KL gradient
     tensor([[ 0.0333, -0.0667, -0.0000]])
     """
-    spec = _spec(estimator, gradient, weight, weight_clamp, clamp, value_clamp, old_logp)
+    spec = _spec(
+        estimator,
+        gradient,
+        weight,
+        weight_clamp,
+        clamp,
+        value_clamp,
+        old_logp,
+        clamp_weighted,
+        clamp_stops_gradient,
+        weight_level,
+    )
     prep = prepare(logp, ref_logp, old_logp, mask)
     _warn_infinite(prep)
+    extra = None
+    if weight_level == "sequence":
+        prep, extra = _sequence_weight(logp, prep, spec)
     scale = aggregation_scale(
         tuple(prep.logp.shape),
         prep.mask,
@@ -264,7 +383,13 @@ def kl_loss(
         dtype=torch.float64,
         device=prep.logp.device,
     )
-    stats: dict[str, torch.Tensor] | None = {} if diagnostics else None
+    # under torch.func transforms the diagnostics would be wrapped tensors leaking out: none
+    stats: dict[str, torch.Tensor] | None = {} if diagnostics and not prep.traced else None
+    if weight_level == "sequence":  # w_b's own gradient is added below, through autograd
+        spec = replace(spec, weight="detached")
     loss = apply(logp, prep, spec, scale, stats)
+    if extra is not None:
+        _, v, dw = extra
+        loss = loss + _weighted_sum(v * dw, scale).to(loss.dtype)
     diag = KLDiagnostics(**stats) if stats is not None else None
     return KLLoss(loss, diag)

@@ -11,8 +11,9 @@ you meant.
 >>> presets.get("verl:low_var_kl").follows
 'forward KL(π_ref‖π), not the reverse KL it reports (zero where a clamp binds)'
 
-Descriptions follow the public releases verl 0.9.1, OpenRLHF 0.11.2, TRL 1.16.0 and NeMo-RL
-(2026). ℓ = logp - ref_logp.
+Names carry the release they reproduce, ``"<framework>@<version>:<option>"`` (``RELEASES``):
+verl 0.9.1, OpenRLHF 0.11.2, TRL 1.16.0, NeMo-RL 0.6.0 and 0.7.0, slime 0.4.0. A name without
+``@`` (``"nemo_rl:k3"``) means the newest release klest knows. ℓ = logp - ref_logp.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 from ..errors import KlestError
 from .penalty import KLLoss, kl_loss, kl_per_token
 
-__all__ = ["Preset", "get", "names", "register"]
+__all__ = ["RELEASES", "Preset", "get", "names", "register"]
 
 _NOTHING = "nothing: its expected gradient is 0 (E_π[∇ℓ] = 0)"
 _REVERSE = "reverse KL(π‖π_ref) (the exact score-function gradient, k2's)"
@@ -86,31 +87,60 @@ def register(preset: Preset, *, overwrite: bool = False) -> Preset:
     return preset
 
 
+# framework -> the releases klest reproduces, oldest first; a name without "@" means the newest
+RELEASES: dict[str, tuple[str, ...]] = {
+    "verl": ("0.9.1",),
+    "openrlhf": ("0.11.2",),
+    "trl": ("1.16.0",),
+    "nemo_rl": ("0.6.0", "0.7.0"),
+    "slime": ("0.4.0",),
+}
+
+
+def _versioned(name: str) -> str:
+    """``"fw:option"`` -> ``"fw@<newest release>:option"``; other names unchanged."""
+    fw, sep, option = name.partition(":")
+    if sep and "@" not in fw and fw in RELEASES:
+        return f"{fw}@{RELEASES[fw][-1]}:{option}"
+    return name
+
+
 def get(name: str) -> Preset:
-    """The preset called ``name`` (see :func:`names`)."""
-    if name == "verl:full":
+    """The preset called ``name``: ``"<framework>@<version>:<option>"`` (see :func:`names`), or
+    ``"<framework>:<option>"`` for the newest release klest knows."""
+    if not isinstance(name, str):
+        raise KlestError("must be a preset name (str)", argument="name", value=name)
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    full = _versioned(name)
+    if full.startswith("verl@") and full.endswith(":full"):
         raise KlestError(
             "verl's 'full' raises NotImplementedError there too; the full-vocabulary KL needs "
             "the logits, not the sampled tokens' log-probs",
             argument="name",
         )
     try:
-        return _REGISTRY[name]
+        return _REGISTRY[full]
     except KeyError:
         raise KlestError(
-            f"unknown preset {name!r}; known: {', '.join(names())}", argument="name"
+            f"unknown preset {name!r}; known: {', '.join(names())} (a name without '@' means "
+            "the newest release)",
+            argument="name",
         ) from None
 
 
 def names() -> list[str]:
-    """The registered preset names, sorted."""
+    """The registered preset names, with the release they reproduce, sorted."""
     return sorted(_REGISTRY)
 
 
 def _add(
     name: str, follows: str, description: str, *, uses_old: bool = False, **options: Any
 ) -> None:
-    register(Preset(name, follows, description, dict(options), uses_old))
+    fw, _, option = name.partition(":")
+    for version in RELEASES[fw] if "@" not in fw else (fw.partition("@")[2],):
+        full = f"{fw.partition('@')[0]}@{version}:{option}"
+        register(Preset(full, follows, description, dict(options), uses_old))
 
 
 # ------------------------------------------------------------------------------------------ verl
@@ -199,6 +229,20 @@ _add(
     weight="differentiable",
 )
 
+_add(
+    "trl:grpo:bias_correction:sequence",
+    "no divergence in general: the weight exp(mean_t ℓ_t^old) is a geometric mean, not the "
+    "likelihood ratio of the sequence (for one-token rows: k3 × π/π_old, the reverse KL)",
+    "TRL GRPOTrainer with use_bias_correction_kl and importance_sampling_level='sequence': k3 "
+    "times the non-detached sequence weight exp(Σ_t m_t (logp_t - old_t) / max(Σ_t m_t, 1)), "
+    "the same for every token of a row (1 without old_logp).",
+    uses_old=True,
+    estimator="k3",
+    gradient="as_written",
+    weight="differentiable",
+    weight_level="sequence",
+)
+
 # --------------------------------------------------------------------------------------- NeMo-RL
 _NEMO = {
     "k1": ("k1", _NOTHING, "reverse KL(π‖π_ref) (score + pathwise: ∇E_π[ℓ])"),
@@ -211,7 +255,7 @@ for _n, (_est, _follows, _follows_is) in _NEMO.items():
         "clipped to [-10, 10]"
     )
     _add(
-        f"nemo_rl:{_n}",
+        f"nemo_rl@0.6.0:{_n}",
         _follows,
         _desc + "; gradient of that expression.",
         estimator=_est,
@@ -220,7 +264,7 @@ for _n, (_est, _follows, _follows_is) in _NEMO.items():
         value_clamp=10.0,
     )
     _add(
-        f"nemo_rl:{_n}:importance_weight",
+        f"nemo_rl@0.6.0:{_n}:importance_weight",
         _follows_is + " where no clamp binds",
         _desc + ", times the non-detached weight π/π_gen (exp(logp - sg(logp)) without "
         "old_logp); gradient of that product.",
@@ -230,4 +274,66 @@ for _n, (_est, _follows, _follows_is) in _NEMO.items():
         weight="differentiable",
         clamp=20.0,
         value_clamp=10.0,
+    )
+    # 0.7.0: the loss always carries the score term exp(x - sg x); calculate_kl clamps the
+    # product w·v, and a token whose input clamp binds gets no gradient at all
+    _desc7 = (
+        f"NeMo-RL 0.7.0 {_n}: ℓ clipped to [-20, 20], times the non-detached weight w "
+        "({}), the product w·{} clipped to [-10, 10]; gradient of that expression, 0 "
+        "(score term included) where either clamp binds."
+    )
+    _opts7: dict[str, Any] = dict(
+        estimator=_est,
+        gradient="as_written",
+        weight="differentiable",
+        clamp=20.0,
+        value_clamp=10.0,
+        clamp_weighted=True,
+        clamp_stops_gradient=True,
+    )
+    _add(
+        f"nemo_rl@0.7.0:{_n}",
+        _follows_is + " where no clamp binds (0 where one does)",
+        _desc7.format("exp(logp - sg(logp)) = 1", _n),
+        **_opts7,
+    )
+    _add(
+        f"nemo_rl@0.7.0:{_n}:importance_weight",
+        _follows_is + " where no clamp binds (0 where one does)",
+        _desc7.format("π/π_gen; exp(logp - sg(logp)) without old_logp", _n),
+        uses_old=True,
+        **_opts7,
+    )
+
+# ----------------------------------------------------------------------------------------- slime
+_SLIME = {
+    "k1": ("k1", _NOTHING, "reverse KL(π‖π_ref) (score + pathwise: ∇E_π[ℓ])", None),
+    "k2": ("k2", _REVERSE, "½E_π[ℓ²], not the KL (score + pathwise)", None),
+    "k3": ("k3", _FORWARD.replace(" (zero where a clamp binds)", ""), "", None),
+    "low_var_kl": ("k3", _FORWARD, "", 10.0),
+}
+for _n, (_est, _follows, _follows_w, _vc) in _SLIME.items():
+    _follows_w = _follows_w or "reverse KL(π‖π_ref) (score + pathwise: ∇E_π[k3])"
+    _clip = ", the result clipped to [-10, 10]" if _vc else ""
+    _add(
+        f"slime:{_n}",
+        _follows,
+        f"slime compute_approx_kl, kl_loss_type={_n!r}: {_est} (no clamp before the exp){_clip}; "
+        "gradient of that expression.",
+        estimator=_est,
+        gradient="as_written",
+        value_clamp=_vc,
+    )
+    _add(
+        f"slime:{_n}:unbiased_kl",
+        _follows_w + (" where the clamp does not bind" if _vc else ""),
+        f"slime with --use-unbiased-kl, kl_loss_type={_n!r}: {_est} times the non-detached weight "
+        f"π/π_old (exp(logp - sg(logp)) without old_logp){_clip.replace('result', 'product')}; "
+        "gradient of that expression.",
+        uses_old=True,
+        estimator=_est,
+        gradient="as_written",
+        weight="differentiable",
+        value_clamp=_vc,
+        clamp_weighted=_vc is not None,
     )
