@@ -111,11 +111,12 @@ def test_estimate_rejects_bad_input_that_the_estimator_would_hide(estimator):
         klest.estimate(np.array([np.inf, 0.0]), np.zeros(2), estimator)
 
 
-def test_estimate_rejects_bad_input_hidden_by_a_clamp_or_mask():
+def test_estimate_rejects_bad_input_hidden_by_a_clamp_or_a_kept_entry():
     with pytest.raises(klest.KlestError, match="logq"):
         klest.estimate(np.array([-np.inf, 0.0]), np.zeros(2), "k3", clamp=20)
+    # a NaN that the mask keeps is bad input; one it masks out is not data (the mask rule below)
     with pytest.raises(klest.KlestError, match="logq"):
-        klest.estimate(np.array([np.nan, 0.0]), np.zeros(2), "k3", mask=np.array([False, True]))
+        klest.estimate(np.array([np.nan, 0.0]), np.zeros(2), "k3", mask=np.array([True, True]))
 
 
 def test_estimate_refuses_both_input_forms():
@@ -193,7 +194,23 @@ def test_masked_out_entries_may_hold_nan_and_infinities():
     v = klest.k_opt(t, torch.tensor(lp), mask=torch.tensor(kept))
     torch.where(torch.tensor(kept), v, 0.0).sum().backward()
     assert torch.isfinite(t.grad[torch.tensor(kept)]).all()
+    # estimate follows the same rule on every path: equal to the estimate of the kept subset
+    for name in ("k3", "k_opt", "fdiv:chi2"):
+        ref = klest.estimate(lq[kept], lp[kept], name)
+        for xp_lq, xp_lp, xp_mask in (
+            (lq, lp, mask),
+            (torch.tensor(lq), torch.tensor(lp), torch.tensor(mask)),
+        ):
+            r = klest.estimate(xp_lq, xp_lp, name, mask=xp_mask)
+            assert int(r.n) == 2
+            assert float(r.mean) == pytest.approx(float(ref.mean), rel=1e-12)
+        rows = klest.estimate(
+            np.stack([lq, lq]), np.stack([lp, lp]), name, mask=np.stack([mask, mask]), axis=1
+        )
+        np.testing.assert_allclose(rows.mean, [float(ref.mean)] * 2, rtol=1e-12)
     # the same entries, kept, are bad input
+    with pytest.raises(klest.KlestError, match="NaN"):
+        klest.estimate(lq, lp, "k3", mask=np.array([1, 1, 0, 0, 1, 0]))
     with pytest.raises(klest.KlestError, match="NaN"):
         klest.k_opt(lq, lp, mask=np.array([1, 1, 0, 0, 1, 0]))
     with pytest.raises(klest.KlestError, match="inf"):

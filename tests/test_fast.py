@@ -9,6 +9,7 @@ behaviour without numba run in a subprocess that hides numba.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -386,3 +387,71 @@ def test_compile_cache_is_reused_by_a_second_process(tmp_path: Path):
     assert any((tmp_path / "cache").rglob("*.nbi"))
     hits, misses = _run(code, env)
     assert hits >= 1 and misses == 0
+
+
+def _ref_comoments(L: np.ndarray) -> np.ndarray:
+    """k_opt's co-moments computed independently: 50-digit k3 and e = r - 1 per sample, then
+    means and centred cross-products by exact summation (math.fsum) over the finite samples."""
+    fin = [float(x) for x in L if x != -np.inf]
+    k3 = [float(mpmath.expm1(mpmath.mpf(x)) - x) for x in fin]
+    e = [float(mpmath.expm1(mpmath.mpf(x))) for x in fin]
+    cols = [fin, k3, e]
+    n = len(fin)
+    means = [math.fsum(c) / n for c in cols]
+    d = [[v - m for v in c] for c, m in zip(cols, means, strict=True)]
+    pairs = [(0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2)]
+    s = [math.fsum(a * b for a, b in zip(d[i], d[j], strict=True)) for i, j in pairs]
+    return np.array([n, *means, *s, len(L) - n, 0.0])
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_kopt_comoments_match_an_independent_computation(dtype):
+    """Across sub-blocks (SUB = 1024), with -inf samples (counted apart) and a block of them."""
+    L = (0.8 * np.random.default_rng(11).standard_normal(3 * _fast.SUB + 17)).astype(dtype)
+    L[[5, 2000]] = -np.inf
+    L[_fast.SUB : _fast.SUB + 40] = 3e-9
+    L[2 * _fast.SUB : 3 * _fast.SUB] = np.where(np.arange(_fast.SUB) % 2, -np.inf, 1.5)
+    got = _fast.kopt_comoments(L)
+    want = _ref_comoments(L)
+    assert got[0] == want[0] and got[10] == want[10] and got[11] == 0.0
+    np.testing.assert_allclose(got[1:10], want[1:10], rtol=1e-11, atol=1e-12)
+
+
+@needs_numba
+def test_kopt_comoments_flag_what_they_cannot_hold():
+    """A NaN, or values whose squares overflow float64, are flagged (the engine then takes the
+    NumPy path); all -inf gives n = 0."""
+    assert _fast.kopt_comoments(np.array([0.1, np.nan, 0.2]))[11] == 1.0
+    assert _fast.kopt_comoments(np.array([0.1, 700.0, 0.2]))[11] == 1.0
+    r = _fast.kopt_comoments(np.full(5, -np.inf))
+    assert r[0] == 0.0 and r[10] == 5.0 and r[11] == 0.0
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_estimate_k_opt_with_and_without_the_kernel(dtype):
+    """The compiled co-moments and the NumPy path give the same k_opt (flat, with a -inf sample,
+    and per row), and the same error for a NaN."""
+    from klest._stream import KERNEL_CHUNK
+
+    L = (0.6 * np.random.default_rng(4).standard_normal(KERNEL_CHUNK + 5000)).astype(dtype)
+    L[77] = -np.inf
+    M = L[: 6 * 5000].reshape(6, 5000)
+    for name in ("k_opt", "k_opt_crossfit"):
+        fast = klest.estimate(log_ratio=L[78:], estimator=name)
+        fast_rows = klest.estimate(log_ratio=M[:, 100:], estimator=name, axis=1)
+        fast_inf = klest.estimate(log_ratio=L, estimator=name)
+        with klest.options(fast=False):
+            slow = klest.estimate(log_ratio=L[78:], estimator=name)
+            slow_rows = klest.estimate(log_ratio=M[:, 100:], estimator=name, axis=1)
+        assert fast.mean == pytest.approx(slow.mean, rel=1e-11)
+        assert fast.std == pytest.approx(slow.std, rel=1e-9)
+        np.testing.assert_allclose(
+            np.asarray(fast_rows.mean), np.asarray(slow_rows.mean), rtol=1e-11
+        )
+        assert fast_inf.mean == np.inf
+    bad = L.copy()
+    bad[3] = np.nan
+    with pytest.raises(klest.KlestError):
+        klest.estimate(log_ratio=bad, estimator="k_opt")

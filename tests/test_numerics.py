@@ -181,3 +181,43 @@ def test_clamped_log_ratio_shows_what_a_clamp_does():
     np.testing.assert_array_equal(
         klest.k3(log_ratio=L, clamp=20), klest.k3(log_ratio=np.clip(L, -20, 20))
     )
+
+
+@pytest.mark.parametrize(("kind", "ref"), [("expm1mx", ref_k3), ("lexpl_mexpm1", ref_forward_k3)])
+def test_numpy_values_for_float32_data_keep_float32_precision(kind, ref):
+    """The float32-origin NumPy form (closed form in float64, 2-term series only below 2^-20,
+    found by one min over the values) is far within half a float32 ulp everywhere, including
+    tiny |L| scattered among large ones and L = 0; L = -inf gives the limits (+inf, 1)."""
+    from klest._numerics import F32_SERIES_RADIUS, numpy_values
+
+    r = F32_SERIES_RADIUS
+    tiny = [0.0, 1e-30, -1e-30, 1e-12, -3e-9, r * 0.999, -r * 0.999, r, -r, r * 1.001, 1e-6]
+    L = np.concatenate([POINTS, tiny]).astype(np.float32).astype(np.float64)
+    out = numpy_values(kind, L, np.empty(L.size), single=True)
+    errs = ulp_error(out, [ref(float(x)) for x in L], np.float32)
+    worst = int(np.argmax(errs))
+    assert errs[worst] <= 0.05, f"{errs[worst]:.3f} float32 ulp at L = {L[worst]!r}"
+    # the series is needed: the closed form alone is off by many float32 ulp at 1e-12
+    closed = (
+        np.expm1(1e-12) - 1e-12 if kind == "expm1mx" else 1e-12 * np.exp(1e-12) - np.expm1(1e-12)
+    )
+    assert ulp_error(np.array([closed]), [ref(1e-12)], np.float32)[0] > 100
+    special = numpy_values(kind, np.array([-np.inf]), np.empty(1), single=True)
+    assert special[0] == (np.inf if kind == "expm1mx" else 1.0)
+
+
+@pytest.mark.parametrize("top", [1e-6, 1e-3, 0.1, 0.45, 0.9])
+@pytest.mark.parametrize(
+    ("fn", "ref"),
+    [(klest.k3, ref_k3), (klest.forward_k3, ref_forward_k3)],
+    ids=["k3", "forward_k3"],
+)
+def test_truncated_series_keeps_the_ulp_bound(fn, ref, top):
+    """NumPy sums only as many series terms as the largest |L| of a chunk needs: chunks whose
+    |L| stay below ``top`` (densest at ``top``, where the truncation bites) keep the bound."""
+    rng = np.random.default_rng(int(top * 1e6))
+    mags = top * np.concatenate([1 - np.geomspace(1e-6, 0.9, 200), rng.uniform(0, 1, 100)])
+    L = np.concatenate([mags, -mags])
+    errs = ulp_error(fn(log_ratio=L), [ref(float(x)) for x in L], np.float64)
+    worst = int(np.argmax(errs))
+    assert errs[worst] <= MAX_ULP, f"{errs[worst]:.1f} ulp at L = {L[worst]!r}"

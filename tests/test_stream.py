@@ -227,3 +227,65 @@ def test_k_opt_with_log_p_minus_infinity_is_infinite_and_float32_matches_float64
     assert r32.mean == pytest.approx(float(r64.mean), rel=1e-12)
     values = klest.k_opt(log_ratio=big.astype(np.float32).astype(np.float64))
     assert r64.mean == pytest.approx(values.mean(), rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("estimator", ["k3", "forward_k3"])
+def test_numpy_path_matches_mpmath(estimator, dtype):
+    """Without compiled kernels, NumPy chunk kernels (float32 input: the float32-origin form)
+    and the per-row path agree with 40-digit values of the same samples."""
+    import mpmath
+
+    from klest._stream import CHUNK
+
+    rng = np.random.default_rng(5)
+    L = (0.7 * rng.standard_normal(CHUNK + 999)).astype(dtype)
+    L[[3, 4000, CHUNK + 7]] = np.array([0.0, 1e-9, -2e-12], dtype=dtype)  # the series region
+
+    def ref(x: float) -> float:
+        x = mpmath.mpf(x)
+        if estimator == "k3":
+            return float(mpmath.expm1(x) - x)
+        return float(x * mpmath.exp(x) - mpmath.expm1(x))
+
+    with mpmath.workdps(40):
+        vals = np.array([ref(float(x)) for x in L])
+    with klest.options(fast=False):
+        flat = klest.estimate(log_ratio=L, estimator=estimator, ddof=0)
+        rows = klest.estimate(log_ratio=L[: 8 * 4096].reshape(8, 4096), estimator=estimator, axis=1)
+    assert flat.mean == pytest.approx(vals.mean(), rel=1e-12)
+    assert flat.std == pytest.approx(vals.std(), rel=1e-10)
+    want = vals[: 8 * 4096].reshape(8, 4096).mean(axis=1)
+    np.testing.assert_allclose(np.asarray(rows.mean), want, rtol=1e-12)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("estimator", ["k3", "forward_k3", "k_opt"])
+def test_equal_huge_values_have_zero_spread(estimator, fast):
+    """L = 700 five times: every value is the same finite number near 1e304 (k3 = e^700 - 701),
+    so the spread is 0. Neither the first merge (δ² overflowing, times a zero weight) nor the
+    mean's rounding (an ulp of 1e304, squared) may turn it into NaN or inf."""
+    import mpmath
+
+    with mpmath.workdps(30):
+        k3 = float(mpmath.exp(700) - 701)
+        fk3 = float(700 * mpmath.exp(700) - mpmath.expm1(700))
+    want = fk3 if estimator == "forward_k3" else k3
+    with klest.options(fast=fast):
+        r = klest.estimate(log_ratio=np.full(5, 700.0), estimator=estimator)
+    assert float(r.mean) == pytest.approx(want, rel=1e-14)
+    assert float(r.std) == 0.0
+
+
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_strided_rows_give_the_same_result_as_contiguous_ones(dtype, fast):
+    """Reducing a leading axis (rows strided in memory, gathered in blocks of columns) gives
+    bit for bit what the same numbers laid out contiguously give."""
+    A = (0.5 * np.random.default_rng(8).standard_normal((1500, 37))).astype(dtype)
+    with klest.options(fast=fast):
+        for est in ("k3", "k1", "k_opt"):
+            strided = klest.estimate(log_ratio=A, estimator=est, axis=0)
+            flat = klest.estimate(log_ratio=np.ascontiguousarray(A.T), estimator=est, axis=1)
+            np.testing.assert_array_equal(np.asarray(strided.mean), np.asarray(flat.mean))
+            np.testing.assert_array_equal(np.asarray(strided.std), np.asarray(flat.std))

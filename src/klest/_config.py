@@ -49,6 +49,15 @@ def get_options() -> Options:
     return _get()
 
 
+def fast_wanted() -> bool:
+    """Whether compiled kernels are wanted now: ``options(fast=...)`` and ``KLEST_FAST`` (``0`` or
+    ``false`` turns them off). Asked before :mod:`klest._fast` is imported, so that numba is not
+    loaded at all when they are off."""
+    if os.environ.get("KLEST_FAST", "1").strip() in ("0", "false", "False"):
+        return False
+    return _get().fast
+
+
 def set_options(**changes: object) -> Options:
     """Change options for the rest of this context (thread/task); returns the new options."""
     new = _changed(changes)

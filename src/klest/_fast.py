@@ -4,8 +4,10 @@ r"""Optional compiled kernels (numba, the ``klest[fast]`` extra): fused per-chun
 a 1-D chunk of log-ratios L (float32 or float64), accumulated in float64: what NumPy gives for
 ``v = values(L.astype(float64)); v.mean(), ((v - v.mean())**2).sum(), v.min(), v.max()`` up to
 rounding, non-finite cases included. :func:`quadratic_moments` does the same for the lab's normal
-pairs, where L = a·x² + b·x + c is formed on the fly and never stored. Importing this module never
-fails; without numba ``KERNELS`` is empty and :func:`available` is False.
+pairs, where L = a·x² + b·x + c is formed on the fly and never stored. :func:`kopt_comoments`
+gives k_opt's co-moments of (L, k3, r - 1) over a chunk, with k3 from the same value loops.
+Importing this module never fails; without numba ``KERNELS`` is empty and :func:`available` is
+False.
 
 **How the values are computed.** The chunk is cut into sub-blocks of ``SUB`` elements that stay in
 L1 cache; each is converted to float64, its values are written to a buffer, and the buffer's sum,
@@ -41,7 +43,6 @@ or ``$NUMBA_CACHE_DIR`` when set), so only the first run on a machine pays it.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -49,7 +50,16 @@ import numpy as np
 
 from ._numerics import series_coefficients
 
-__all__ = ["KERNELS", "LIMIT", "SUB", "available", "quadratic_moments", "values"]
+__all__ = [
+    "KERNELS",
+    "KOPT_FIELDS",
+    "LIMIT",
+    "SUB",
+    "available",
+    "kopt_comoments",
+    "quadratic_moments",
+    "values",
+]
 
 Moments = tuple[float, float, float, float]
 
@@ -77,11 +87,9 @@ except ImportError:  # the extra is not installed: KERNELS stays empty
 def available() -> bool:
     """Whether the compiled kernels are used: numba is importable, ``klest.options(fast=...)`` is
     true (the default) and the environment variable ``KLEST_FAST`` is not ``0``."""
-    if _nb is None or os.environ.get("KLEST_FAST", "1").strip() in ("0", "false", "False"):
-        return False
-    from ._config import get_options
+    from ._config import fast_wanted
 
-    return bool(getattr(get_options(), "fast", True))
+    return _nb is not None and fast_wanted()
 
 
 def values(name: str, L: np.ndarray, *, fast: bool | None = None) -> np.ndarray:
@@ -112,6 +120,29 @@ def quadratic_moments(x: np.ndarray, coeffs: np.ndarray, names: tuple[str, ...])
     codes = np.array([CODES[n] for n in names], dtype=np.int64)
     out = np.empty((coeffs.shape[0], codes.size, 4))
     _quadratic(x, coeffs, codes, out)
+    return out
+
+
+#: What :func:`kopt_comoments` returns, in order.
+KOPT_FIELDS = (
+    "n", "mean_L", "mean_k3", "mean_e",
+    "S_LL", "S_kk", "S_ee", "S_Lk", "S_Le", "S_ke",
+    "n_inf", "bad",
+)  # fmt: skip
+
+
+def kopt_comoments(L: np.ndarray) -> np.ndarray:
+    r"""The co-moments k_opt needs of a 1-D chunk of L, in one pass (float64 [12], see
+    :data:`KOPT_FIELDS`): over the samples with L > -inf, their count, the means of (L, k3, e)
+    with k3 the kernel's value of k3 and e = r - 1 = L + k3, and the centred co-moments
+    S_ab = Σ (a - ā)(b - b̄); the count of samples with L = -inf; and ``bad`` = 1 when a value
+    or co-moment is not finite (a NaN L, or values too large for float64 moments), in which case
+    the rest is meaningless and the caller takes the NumPy path. Merged across sub-blocks with
+    Chan et al.'s update S_ab += S_ab' + δ_a δ_b n n'/(n + n')."""
+    _need_numba()
+    L = _as_chunk(L)
+    out = np.zeros(len(KOPT_FIELDS))
+    _kopt_1d(L, L.dtype == np.float32, out)
     return out
 
 
@@ -345,6 +376,9 @@ if _nb is not None:
         mean = total / k
         n = st[0]
         tot = n + k
+        if n == 0.0:  # the first block: no cross term (δ² may overflow, and inf · 0 is NaN)
+            st[1], st[2], st[0] = mean, m2, tot
+            return
         delta = mean - st[1]
         st[1] += delta * (k / tot)
         st[2] += m2 + delta * delta * (n * k / tot)
@@ -418,5 +452,109 @@ if _nb is not None:
         for p in range(P):
             for j in range(K):
                 _finish(states[p, j], out[p, j])
+
+    @_jit_sum
+    def _cosums(x: np.ndarray, k: np.ndarray, ms: np.ndarray) -> None:
+        """ms[0:3] = Σ of (x, k, e = x + k); ms[3:9] = Σ of the centred products
+        (LL, kk, ee, Lk, Le, ke) about those means (the second pass only if the first is finite)."""
+        sx = 0.0
+        sk = 0.0
+        for i in range(x.size):
+            sx += x[i]
+            sk += k[i]
+        c = float(x.size)
+        ml = sx / c
+        mk = sk / c
+        me = (sx + sk) / c
+        ms[0], ms[1], ms[2] = sx, sk, sx + sk
+        if not (math.isfinite(sx) and math.isfinite(sk)):
+            return
+        a = 0.0
+        b = 0.0
+        d = 0.0
+        f = 0.0
+        g = 0.0
+        h = 0.0
+        for i in range(x.size):
+            dl = x[i] - ml
+            dk = k[i] - mk
+            de = (x[i] + k[i]) - me
+            a += dl * dl
+            b += dk * dk
+            d += de * de
+            f += dl * dk
+            g += dl * de
+            h += dk * de
+        ms[3], ms[4], ms[5], ms[6], ms[7], ms[8] = a, b, d, f, g, h
+
+    @_jit
+    def _kopt_1d(L: Any, fast: bool, out: np.ndarray) -> None:
+        buf = np.empty(SUB)
+        kv = np.empty(SUB)
+        work = np.empty(SUB)
+        ms = np.zeros(9)
+        n = 0.0
+        mean = np.zeros(3)
+        S = np.zeros(6)
+        n_inf = 0.0
+        for a in range(0, L.size, SUB):
+            m = min(SUB, L.size - a)
+            src = L[a : a + m]
+            ninf = 0
+            for i in range(m):
+                buf[i] = src[i]
+                ninf += buf[i] == -math.inf
+            cnt = m
+            if ninf > 0:  # keep the finite ones (and NaN: flagged below)
+                cnt = 0
+                for i in range(m):
+                    if buf[i] != -math.inf:
+                        buf[cnt] = buf[i]
+                        cnt += 1
+                n_inf += ninf
+            if cnt == 0:
+                continue
+            x = buf[:cnt]
+            _fill(2, x, fast, kv[:cnt], work[:cnt])
+            _cosums(x, kv[:cnt], ms)
+            ok = True
+            for j in range(9):
+                ok = ok and math.isfinite(ms[j])
+            if not ok:
+                out[11] = 1.0
+                return
+            c = float(cnt)
+            if n == 0.0:  # the first block: no cross terms (δ² may overflow, inf · 0 is NaN)
+                for j in range(3):
+                    mean[j] = ms[j] / c
+                for j in range(6):
+                    S[j] = ms[3 + j]
+                n = c
+                continue
+            tot = n + c
+            w = n * c / tot
+            d0 = ms[0] / c - mean[0]
+            d1 = ms[1] / c - mean[1]
+            d2 = ms[2] / c - mean[2]
+            S[0] += ms[3] + d0 * d0 * w
+            S[1] += ms[4] + d1 * d1 * w
+            S[2] += ms[5] + d2 * d2 * w
+            S[3] += ms[6] + d0 * d1 * w
+            S[4] += ms[7] + d0 * d2 * w
+            S[5] += ms[8] + d1 * d2 * w
+            mean[0] += d0 * (c / tot)
+            mean[1] += d1 * (c / tot)
+            mean[2] += d2 * (c / tot)
+            n = tot
+            for j in range(6):
+                if not math.isfinite(S[j]):
+                    out[11] = 1.0
+                    return
+        out[0] = n
+        out[1], out[2], out[3] = mean[0], mean[1], mean[2]
+        for j in range(6):
+            out[4 + j] = S[j]
+        out[10] = n_inf
+        out[11] = 0.0
 
     KERNELS.update({name: _kernel(code) for name, code in CODES.items()})

@@ -20,6 +20,7 @@ __all__ = [
     "expm1",
     "expm1mx",
     "lexpl_mexpm1",
+    "numpy_values",
     "series_coefficients",
     "xlogx",
 ]
@@ -169,11 +170,66 @@ def softplus(xp: Any, x: Array) -> Array:
 
 
 # ------------------------------------------------------------------------- NumPy kernels
-# For NumPy the same functions are evaluated chunk by chunk in cache-sized float64 buffers, with
-# the series summed only on the elements that need it. float32 input: the float64 closed form is
-# already exact to float32 precision down to |L| ~ 2^-25, so only |L| < 2^-20 takes a 2-term
-# series. float64 input: |L| < 1 takes the full series, as in the generic code.
+# For NumPy the same functions are evaluated in float64, with the series summed only on the
+# elements that need it (a series over the whole array, kept by np.where, would cost ~20 passes).
+# float32-origin values: the float64 closed form is already exact to float32 precision down to
+# |L| ~ 2^-25 (its absolute error ~2^-52·|L| is under half a float32 ulp of L²/2 there), so only
+# |L| < 2^-20 takes a 2-term series, and only when the values show such an L exists: the
+# closed forms give less than 2^-40 exactly there (the functions are ≈ L²/2 ≥ 0 near 0), so one
+# min-reduction over the values rules them out. float64 values: |L| < 1 takes the full series,
+# as in the generic code.
 _NP_CHUNK = 1 << 14
+F32_SERIES_RADIUS = 2.0**-20
+_F32_CANDIDATE = 2.0**-40  # above every computed value at |L| < F32_SERIES_RADIUS
+
+
+def numpy_values(kind: str, x: Any, out: Any, single: bool = False) -> Any:
+    """``out[:] = kind(x)`` for a 1-D float64 NumPy ``x`` (``kind``: "expm1mx" or
+    "lexpl_mexpm1"); ``single``: x holds float32 values, which need float32 accuracy only."""
+    import numpy as np
+
+    if x.size == 0:
+        return out
+    with np.errstate(invalid="ignore", over="ignore"):
+        if single:
+            _closed_form(kind, x, out)
+            if np.minimum.reduce(out) < _F32_CANDIDATE:
+                idx = np.flatnonzero(np.abs(x) < F32_SERIES_RADIUS)
+                if idx.size:
+                    coeffs = series_coefficients(kind, 64)[:2]
+                    out[idx] = _horner(x[idx], coeffs, np.empty(idx.size))
+            return out
+        w = np.abs(x)
+        near = w < SERIES_RADIUS
+        n_near = int(np.count_nonzero(near))
+        coeffs = _enough_terms(kind, float(np.max(w, where=near, initial=0.0)) if n_near else 0.0)
+        if 2 * n_near > x.size:  # mostly near 0: the series in place, the closed form on the rest
+            _horner(x, coeffs, out)
+            far = np.flatnonzero(~near)
+            if far.size:
+                out[far] = _closed_form(kind, x[far], np.empty(far.size))
+        else:  # mostly far: the closed form in place, the series on the rest
+            _closed_form(kind, x, out)
+            if n_near:
+                idx = np.flatnonzero(near)
+                out[idx] = _horner(x[idx], coeffs, np.empty(idx.size))
+    return out
+
+
+def _enough_terms(kind: str, m: float) -> tuple[float, ...]:
+    """The fewest leading series coefficients that give float64 accuracy for |L| <= m <= 1.
+
+    Both functions are at least 0.26·L² on |L| <= 1 (their values at L = -1 are e^-1 and
+    1 - 2/e), and the ratio ρ_k = m·c_(k+1)/c_k of their successive terms falls with k, so
+    stopping before c_k leaves a relative error below c_k·m^(k-2) / ((1 - ρ_k)·0.26); k is the
+    first order that makes this 2^-54 (about the full series of the generic code at m near 1).
+    """
+    full = series_coefficients(kind, 64)
+    for j in range(1, len(full) - 1):  # keep c_2..c_(j+1); c_(j+2) = full[j] is the first omitted
+        rho = m * full[j + 1] / full[j]
+        if full[j] * m**j <= (1.0 - rho) * 0.26 * 2.0**-54:
+            return full[:j]
+    return full
 
 
 def _numpy_kernel(kind: str, L: Any) -> Any:
@@ -184,31 +240,14 @@ def _numpy_kernel(kind: str, L: Any) -> Any:
     src = L.reshape(-1)
     dst = out.reshape(-1)
     single = L.dtype == np.float32
-    radius = 2.0**-20 if single else SERIES_RADIUS
-    coeffs = series_coefficients(kind, 64)
-    if single:
-        coeffs = coeffs[:2]
     size = min(_NP_CHUNK, src.size)
     X = np.empty(size)
     V = np.empty(size)
-    W = np.empty(size)
     for a in range(0, src.size, _NP_CHUNK):
         b = min(a + _NP_CHUNK, src.size)
-        x, v, w = X[: b - a], V[: b - a], W[: b - a]
+        x, v = X[: b - a], V[: b - a]
         np.copyto(x, src[a:b])
-        np.abs(x, out=w)
-        near = w < radius
-        n_near = int(np.count_nonzero(near))
-        if 2 * n_near > x.size:  # mostly near 0: the series in place, the closed form on the rest
-            _horner(x, coeffs, v)
-            far = np.flatnonzero(~near)
-            if far.size:
-                v[far] = _closed_form(kind, x[far])
-        else:  # mostly far: the closed form in place, the series on the rest
-            v[...] = _closed_form(kind, x)
-            if n_near:
-                idx = np.flatnonzero(near)
-                v[idx] = _horner(x[idx], coeffs, np.empty(idx.size))
+        numpy_values(kind, x, v, single)
         np.copyto(dst[a:b], v, casting="same_kind")
     return out
 
@@ -226,16 +265,20 @@ def _horner(x: Any, coeffs: tuple[float, ...], out: Any) -> Any:
     return out
 
 
-def _closed_form(kind: str, x: Any) -> Any:
-    """The closed forms away from 0 (float64 NumPy): see expm1mx and lexpl_mexpm1."""
+def _closed_form(kind: str, x: Any, out: Any) -> Any:
+    """The closed forms away from 0 (float64 NumPy, into ``out``): see expm1mx, lexpl_mexpm1."""
     import numpy as np
 
     with np.errstate(invalid="ignore", over="ignore"):
         if kind == "expm1mx":
-            return np.expm1(x) - x
+            np.expm1(x, out=out)
+            np.subtract(out, x, out=out)
+            return out
         e = np.exp(x)
-        v = x * e - np.expm1(x)  # below 1
+        np.multiply(x, e, out=out)
+        out -= np.expm1(x)  # below 1
         big = x >= 1
-        v[big] = e[big] * (x[big] - 1) + 1  # above 1: no inf - inf
-        v[x == -np.inf] = 1.0
-        return v
+        if big.any():
+            out[big] = e[big] * (x[big] - 1) + 1  # above 1: no inf - inf
+        out[x == -np.inf] = 1.0
+        return out

@@ -7,6 +7,7 @@ a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 import time
@@ -169,6 +170,12 @@ def _build_parser() -> _Parser:
         sp.add_argument("--format", choices=("table", "markdown", "csv", "json"), default="table")
         sp.add_argument("--workers", type=_workers, default=None, help="threads (default 2)")
         sp.add_argument("--quiet", action="store_true", help="no progress bar")
+        sp.add_argument(
+            "--scheduler",
+            metavar="ADDRESS",
+            default=None,
+            help="run the sampling on a Dask cluster, e.g. tcp://host:8786 (needs klest[dask])",
+        )
 
     rp = sub.add_parser("reproduce", help="the seed's table: q = N(0,1), p = N(0.1,1), N(1,1)")
     common(rp, 10_000_000)
@@ -271,6 +278,15 @@ class _Progress:
             self.bar = None
 
 
+def _executor(args: argparse.Namespace) -> contextlib.AbstractContextManager[Any]:
+    """The Dask executor of ``--scheduler`` (closed on exit), or None: the local threads."""
+    if args.scheduler is None:
+        return contextlib.nullcontext(None)
+    from klest.lab._executors import dask_executor
+
+    return dask_executor(args.scheduler)
+
+
 def _print(text: str) -> None:
     sys.stdout.write(text + ("\n" if not text.endswith("\n") else ""))
     sys.stdout.flush()
@@ -283,7 +299,8 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         _check_writable("--plot", args.plot, PLOT_SUFFIXES)
 
     def run(prog: Any) -> Any:
-        return reproduce(args.n, args.seed, workers=args.workers, progress=prog)
+        with _executor(args) as ex:
+            return reproduce(args.n, args.seed, workers=args.workers, progress=prog, executor=ex)
 
     return _run_and_report(args, "reproduce", run)
 
@@ -316,7 +333,17 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     estimators = args.estimators or list(DEFAULT_ESTIMATORS)
 
     def run(prog: Any) -> Any:
-        return compare(q, p, estimators, args.n, args.seed, workers=args.workers, progress=prog)
+        with _executor(args) as ex:
+            return compare(
+                q,
+                p,
+                estimators,
+                args.n,
+                args.seed,
+                workers=args.workers,
+                progress=prog,
+                executor=ex,
+            )
 
     return _run_and_report(args, "compare", run)
 
@@ -362,7 +389,9 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
             )
 
     prog = _Progress(not args.quiet, "sweep point")
+    stack = contextlib.ExitStack()
     try:
+        ex = stack.enter_context(_executor(args))
         rows = sweep(
             _template("--q", args.q, name, values[0]),
             _template("--p", args.p, name, values[0]),
@@ -375,6 +404,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
             workers=args.workers,
             on_point=on_point,
             progress=prog,
+            executor=ex,
         )
     except KeyboardInterrupt:
         prog.close()
@@ -382,6 +412,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     finally:
         prog.close()
+        stack.close()
     _print(format_rows(rows, args.format))
     if args.plot:
         from klest.lab.plots import plot_sweep

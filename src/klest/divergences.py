@@ -150,8 +150,14 @@ def alpha_divergence(alpha: float) -> FDivergence:
     r"""The α-divergence, f(t) = (t^α - α t - (1 - α)) / (α(α - 1)) (tangent-corrected already).
 
     α → 1 is the forward KL, α → 0 the reverse KL (returned exactly for α = 1 and α = 0);
-    α = 2 is χ²/2 and α = ½ is 2·(squared Hellinger). Computed as
-    (k3(αL) - α·k3(L)) / (α(α - 1)), whose relative error grows like 1/|α(α - 1)| as α nears 0 or 1.
+    α = 2 is χ²/2 and α = ½ is 2·(squared Hellinger). With k3(x) = e^x - 1 - x and
+    ε = α - 1, the numerator is k3(αL) - α·k3(L) = e^L·k3(εL) + ε·(L e^L - e^L + 1), so
+
+        f = (k3(αL) - α·k3(L)) / (α(α - 1))                      (no cancellation near α = 0)
+          = (e^L·k3(εL)/ε + (L e^L - e^L + 1)) / α               (no cancellation near α = 1)
+
+    the second used for α >= ½ where |εL| < 1 (so it tends continuously to forward KL as
+    ε -> 0, and the first to reverse KL as α -> 0).
     """
     a = float(alpha)
     if not math.isfinite(a):
@@ -180,6 +186,37 @@ def alpha_divergence(alpha: float) -> FDivergence:
     sign = 1.0 if denom > 0 else -1.0
 
     def form(xp: Any, L: Array) -> Array:
+        if a < 0.5:
+            return general(xp, L)
+        # |εL| < 1, ε = α - 1: f = (e^L·k3(εL)/ε + (L e^L - e^L + 1)) / α, terms that do not
+        # cancel (opposite signs only for α < 1, where near L = 0 they lose at most 1/α ≤ 2).
+        # For L >= 1 as e^L·h/α, h = L - 1 + e^{-L} + k3(εL)/ε > 0, and where that overflows as
+        # exp(L + log h - log α) by exp_or_inf: +inf with an infinite slope, never inf - inf.
+        eps = a - 1.0
+        finite = L > -xp.inf
+        Lf = xp.where(finite, L, xp.zeros_like(L))
+        near = xp.abs(eps * Lf) < 1
+        Ln = xp.where(near, Lf, xp.zeros_like(Lf))
+        k3e = nm.expm1mx(xp, eps * Ln) / eps
+        low = Ln < 1
+        Ll = xp.where(low, Ln, xp.zeros_like(Ln))
+        Lh = xp.where(low, xp.ones_like(Ln), Ln)
+        k3l = xp.where(low, k3e, xp.zeros_like(k3e))
+        k3h = xp.where(low, xp.zeros_like(k3e), k3e)
+        below = (xp.exp(Ll) * k3l + nm.lexpl_mexpm1(xp, Ll)) / a
+        h = Lh - 1 + xp.exp(-Lh) + k3h
+        # e^L·h/α directly where it fits (exp of the sum would amplify its rounding by L)
+        log_above = Lh + xp.log(h) - math.log(a)
+        big = log_above > nm.overflow_threshold(xp, L)
+        Ls = xp.where(big, xp.ones_like(Lh), Lh)
+        hs = xp.where(big, xp.ones_like(h), h)
+        Lx = xp.where(big, log_above, xp.zeros_like(Lh))
+        above = xp.where(big, nm.exp_or_inf(xp, Lx, Lh), xp.exp(Ls) * hs / a)
+        near_value = xp.where(low, below, above)
+        Lo = xp.where(near & finite, xp.zeros_like(L), L)
+        return xp.where(near & finite, near_value, general(xp, Lo))
+
+    def general(xp: Any, L: Array) -> Array:
         # |αL| and |L| below the overflow bound: (k3(αL) - α k3(L)) / (α(α - 1)), stable near 0.
         # Beyond it: with M = max(αL, L, 0), numerator = e^M (e^{αL-M} - α e^{L-M} - (1-α) e^{-M}),
         # every exponent <= 0, and the division and the (positive) bracket folded into the
@@ -189,6 +226,9 @@ def alpha_divergence(alpha: float) -> FDivergence:
         Lf = xp.where(finite, L, xp.zeros_like(L))
         bound = nm.overflow_threshold(xp, L)
         ok = (xp.abs(a * Lf) < bound) & (xp.abs(Lf) < bound)
+        if a > 0:  # L <= 0 with α > 0: no exponent is positive, nothing overflows; the scaled
+            # bracket below would cancel to 0 (NaN) for small α, e.g. α = 1e-12, L = -100
+            ok = ok | (Lf <= 0)
         # Both exponents below -4 (α > 0, L < 0): the constant dominates, the direct form has no
         # cancellation, and its slope α(e^{αL} - e^L)/(α(α-1)) keeps its digits (expm1's slope,
         # expm1(x) + 1, has lost them once e^x is below the dtype's epsilon).

@@ -164,7 +164,8 @@ def estimate(
     :class:`FDivergence`, or a callable accepting ``log_ratio=``. ``axis=None`` reduces everything
     and returns scalars; an int or a tuple of ints reduces those axes. ``mask`` (bool or 0/1,
     broadcastable) keeps the samples where it is true; the mask of a ``numpy.ma`` array is
-    honoured too (its masked entries are neither used nor validated), combined with ``mask``.
+    honoured too, combined with ``mask``. Masked-out entries are neither used nor validated:
+    they may hold anything, NaN included (the same rule as :mod:`klest.rl`).
     Values are computed and accumulated in float64 for NumPy input of any floating dtype
     (``np.longdouble`` input is computed in float64: precision beyond float64 is not used).
     With NumPy the samples are streamed: extra memory does not grow with their number.
@@ -200,7 +201,7 @@ def _estimate_generic(
 ) -> Estimate:
     from .estimators import _weights, k_opt
 
-    xp, L, _ = _prepare(logq, logp, log_ratio)
+    xp, L, _ = _prepare(logq, logp, log_ratio, mask=mask)  # masked-out entries: not checked
     axes = _normalise_axis(axis, L.ndim)
     w = _weights(xp, L, mask)
     L, n_clamped = clamp_counted(xp, L, clamp, keep=w > 0)

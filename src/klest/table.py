@@ -333,7 +333,9 @@ def _callable_record(fn: Callable[..., Any]) -> Estimator:
 
 def _with_kernel(rec: Estimator) -> Estimator:
     """Fill a built-in record's kernel from :mod:`klest._fast` the first time it can be used."""
-    if rec.kernel is not None or rec.name in _KERNEL_TRIED or rec.batch:
+    from ._config import fast_wanted
+
+    if rec.kernel is not None or rec.name in _KERNEL_TRIED or rec.batch or not fast_wanted():
         return rec
     try:
         from . import _fast
@@ -351,12 +353,32 @@ def _with_kernel(rec: Estimator) -> Estimator:
 
 
 def fast_kernel(rec: Estimator) -> Kernel | None:
-    """The record's kernel if compiled kernels are enabled now (``klest.options(fast=...)``)."""
-    if rec.kernel is None:
+    """The record's kernel if compiled kernels are enabled now (``klest.options(fast=...)``);
+    otherwise, for a record whose values are a primitive of :mod:`klest._numerics` with a NumPy
+    chunk form (k3, forward_k3), that NumPy kernel (see :func:`klest._stream.numpy_kernel`)."""
+    compiled = _compiled_kernel(rec)
+    if compiled is not None:
+        return compiled
+    kind = numpy_kind(rec)
+    if kind is None:
         return None
-    from ._config import get_options
+    from ._stream import numpy_kernel
 
-    if not getattr(get_options(), "fast", True):
+    return numpy_kernel(kind)
+
+
+_NUMPY_KINDS: dict[PerSample, str] = {nm.expm1mx: "expm1mx", nm.lexpl_mexpm1: "lexpl_mexpm1"}
+
+
+def numpy_kind(rec: Estimator) -> str | None:
+    """The :mod:`klest._numerics` primitive (a ``numpy_values`` kind) of a record's values."""
+    return _NUMPY_KINDS.get(rec.value) if rec.value is not None else None
+
+
+def _compiled_kernel(rec: Estimator) -> Kernel | None:
+    from ._config import fast_wanted
+
+    if rec.kernel is None or not fast_wanted():
         return None
     if rec.name in BUILTIN_NAMES:
         try:

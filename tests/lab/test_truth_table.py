@@ -858,3 +858,48 @@ def test_small_shape_draws_stay_inside_the_support() -> None:
     kl = float(_kl_beta(0.005, 1, 1, 1))
     assert np.all(np.isfinite(L))
     assert abs(-L.mean() - kl) < 4 * L.std() / math.sqrt(len(L))
+
+
+# ------------------------------------------- α < 0: exponential q against a Gaussian p (issue 9)
+def _alpha_integrand_log_lower(a: float, x: Any) -> Any:
+    """log of q·r^α/(α(α-1)) for q = laplace(0, 1), p = normal(0, 2), written from the densities:
+    for α < 0 the other terms of q·f_α(r) = q·(r^α - α r - (1 - α))/(α(α - 1)) are -α q r >= 0
+    and the constant -(1 - α)q/(α(α - 1)), integrable, so this lower-bounds the integrand."""
+    x = mp.mpf(x)
+    lq = -abs(x) - mp.log(2)
+    lp = -x * x / 8 - mp.log(2 * mp.sqrt(2 * mp.pi))
+    return (1 - a) * lq + a * lp - mp.log(a * (a - 1))
+
+
+@pytest.mark.parametrize("a", [-1.0, -0.5])
+def test_alpha_negative_laplace_against_wide_normal_is_inf(a: float) -> None:
+    # the lower bound's log is a quadratic in x: its second difference is 2·h²·(-α/8) > 0,
+    # so it grows without bound in both tails and the integral is +inf
+    h = mp.mpf(10)
+    for x0 in (20, -60):
+        second = (
+            _alpha_integrand_log_lower(a, x0 + h)
+            - 2 * _alpha_integrand_log_lower(a, x0)
+            + _alpha_integrand_log_lower(a, x0 - h)
+        )
+        assert second == pytest.approx(float(2 * h * h * (-a / 8)), rel=1e-12)
+        assert second > 0
+    t = truth("laplace(0, 1)", "normal(0, 2)", f"alpha:{a:g}")
+    assert t.value == math.inf
+    assert "diverges" in t.note
+
+
+def test_alpha_negative_gaussian_q_against_laplace_converges() -> None:
+    # reversed: log(q^{1-α} p^α) = -(1 - α)x²/2 - α|x| + const, falls: a finite value, which the
+    # tail rule must not turn into +inf; reference by mpmath's quadrature of the textbook f
+    a = mp.mpf(-1)
+
+    def integrand(x: Any) -> Any:
+        lq = -x * x / 2 - mp.log(2 * mp.pi) / 2
+        lp = -abs(x) - mp.log(2)
+        r = mp.exp(lp - lq)
+        return mp.exp(lq) * (r**a - a * r - (1 - a)) / (a * (a - 1))
+
+    ref = mp.quad(integrand, [-mp.inf, 0, mp.inf])
+    t = truth("normal(0, 1)", "laplace(0, 1)", "alpha:-1")
+    assert t.value == pytest.approx(float(ref), rel=QUAD)

@@ -386,3 +386,32 @@ def test_bad_input():
         full_kl(a, b, torch.ones(2, 4, dtype=torch.bool))
     with pytest.raises(KlestError, match="floating"):
         full_kl(a.long(), b)
+
+
+@pytest.mark.parametrize("beta", [0.3, 0.7])
+@pytest.mark.parametrize("side", ["policy", "reference"])
+def test_jsd_when_one_side_alone_masks_a_token(beta, side):
+    """0 < β < 1: M > 0 wherever either side has mass, so D_β is finite with finite gradients
+    when only one side masks a token (the limits log(M/P) = log β, log(M/Q) = log(1 − β)).
+    Truth: the naive formula (values) and its autograd with the masked logit at −60 instead of
+    −inf (gradients; the two differ by O(e^−60))."""
+    a, b = pair((2, 3, 6))
+    x = a if side == "policy" else b
+    x_inf, x_60 = x.clone(), x.clone()
+    x_inf[0, 1, 2] = x_inf[1, 2, 0] = -INF
+    x_60[0, 1, 2] = x_60[1, 2, 0] = -60.0
+    if side == "policy":
+        args_inf, args_60 = (x_inf, b), (x_60, b)
+    else:
+        args_inf, args_60 = (a, x_inf), (a, x_60)
+    got_in = [t.clone().requires_grad_(True) for t in args_inf]
+    want_in = [t.clone().requires_grad_(True) for t in args_60]
+    got = full_jsd(got_in[0], got_in[1], beta)
+    torch.testing.assert_close(got, naive_jsd(*args_inf, beta), rtol=0, atol=1e-10)
+    want = naive_jsd(want_in[0], want_in[1], beta)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+    got.sum().backward()
+    want.sum().backward()
+    for g_, w_ in zip(got_in, want_in, strict=True):
+        assert g_.grad is not None and w_.grad is not None
+        torch.testing.assert_close(g_.grad, w_.grad, rtol=0, atol=1e-10)

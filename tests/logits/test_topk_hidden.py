@@ -210,3 +210,32 @@ def test_fused_bad_input():
     bad[0, 0, 0] = math.nan
     with pytest.raises(KlestError, match="NaN"):
         full_kl_from_hidden(bad, W, hr, Wr)
+
+
+@pytest.mark.parametrize("direction", ["reverse", "forward"])
+def test_topk_kl_k0_is_zero_with_zero_gradients(direction: str) -> None:
+    """k = 0: π and π_ref each coarsen to the single outcome "everything" with mass 1, so the
+    coarsened KL is 1·log(1/1) = 0 exactly, and does not move with the logits (gradient 0),
+    also with a -inf logit (no 0·inf)."""
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(2, 3, 7, generator=g, dtype=F64)
+    a[0, 1, 4] = -math.inf
+    a.requires_grad_(True)
+    r = torch.zeros(2, 3, 0, dtype=F64, requires_grad=True)
+    i = torch.zeros(2, 3, 0, dtype=torch.int64)
+    v = topk_kl(a, r, i, direction=direction)
+    assert v.shape == (2, 3)
+    assert bool((v == 0).all())
+    (v * torch.arange(1.0, 7.0, dtype=F64).reshape(2, 3)).sum().backward()
+    assert a.grad is not None and bool((a.grad == 0).all())
+    mask = torch.tensor([[True, False, True], [True, True, False]])
+    assert float(topk_kl(a, r, i, mask=mask, aggregation="token-mean").detach()) == 0.0
+    # the explicit coarsening agrees: k = 0 leaves one bucket holding all the mass
+    b = torch.randn(2, 3, 7, generator=g, dtype=F64)
+    assert bool((coarsened_kl(a.detach(), b, 0, direction).abs() < 1e-15).all())
+
+
+def test_topk_kl_k0_shape_mismatch_is_refused() -> None:
+    a = torch.randn(2, 5)
+    with pytest.raises(KlestError, match="shape"):
+        topk_kl(a, torch.zeros(2, 0), torch.zeros(3, 0, dtype=torch.int64))

@@ -388,3 +388,75 @@ def test_dtypes_and_padding_that_holds_anything():
     assert logp.grad is not None and logp.grad.dtype == torch.bfloat16
     assert torch.isfinite(logp.grad.float()).all() and float(logp.grad[0, 2]) == 0.0
     assert kl.grad is not None and torch.isfinite(kl.grad).all() and float(kl.grad[0, 2]) == 0.0
+
+
+def test_a_zero_probability_reference_token_gives_plus_inf_not_nan():
+    """π_ref gives the first sampled token probability 0: ℓ_1 = KL_1 = +inf, so the sequence KL
+    is +inf; the score term of a later-infinite return must not turn the value into 0·inf = NaN."""
+    logp = torch.tensor([[-0.5, -0.7], [-0.6, -0.2]], dtype=F64, requires_grad=True)
+    ref = torch.tensor([[-math.inf, -0.1], [-0.9, -0.3]], dtype=F64)
+    kl = torch.tensor([[math.inf, 0.2], [0.1, 0.3]], dtype=F64)
+    with pytest.warns(RuntimeWarning, match=r"\+inf"):
+        k1 = rl.sequence_kl(logp, ref, estimator="k1").terms
+    assert float(k1.detach()[0, 0]) == math.inf and not k1.detach().isnan().any()
+    assert float(k1.detach()[1].sum()) == pytest.approx(0.3 + 0.1, abs=1e-12)
+    with pytest.warns(RuntimeWarning, match=r"\+inf"):
+        for alpha in (0.0, 1.0, -1.5, "cross_fit"):
+            mix = rl.sequence_kl(logp, ref, kl=kl, estimator="mix", alpha=alpha).terms
+            assert float(mix.detach()[0, 0]) == math.inf and not mix.detach().isnan().any()
+    # the infinite row carries no moments: with 3 rows, row 2's α comes from row 1 alone (< 2)
+    k1r = torch.tensor([[math.inf], [1.0], [2.0]], dtype=F64)
+    fr = torch.tensor([[math.inf], [0.5], [0.0]], dtype=F64)
+    assert torch.isfinite(rl.fit_alpha(k1r, fr)).all()
+
+
+def test_alpha_and_sampled_log_probs_are_checked():
+    x = torch.zeros(2, 3)
+    for bad in (float("nan"), float("inf"), "fit"):
+        with pytest.raises(KlestError, match="alpha"):
+            rl.sequence_kl(x, x, kl=x, estimator="mix", alpha=bad)  # type: ignore[arg-type]
+    inf = x.clone()
+    inf[0, 1] = -math.inf
+    with pytest.raises(KlestError, match="old_logp"):  # a token μ sampled cannot have μ = 0
+        rl.sequence_kl(x, kl=x, old_logp=inf)
+    with pytest.raises(KlestError, match="logp"):
+        rl.sequence_kl(inf, kl=x)
+    # masked tokens may hold anything
+    mask = torch.tensor([[True, False, True]] * 2)
+    out = rl.sequence_kl(x, kl=x, old_logp=inf, mask=mask)
+    assert torch.isfinite(out.terms).all()
+
+
+def test_from_logits_does_not_read_masked_positions():
+    """Padding positions may hold anything (NaN logits, id -100), as in klest.logits."""
+    model = toy_model(3, 3, seed=2)
+    logits, *_ = _inputs(model, model.theta)
+    ref = model.ref[model.prefix]
+    mask = torch.ones(logits.shape[:2], dtype=torch.bool)
+    mask[:, -1] = False
+    clean = rl.sequence_kl_from_logits(logits, ref, model.seqs, mask=mask, estimator="mix")
+    dirty_logits, tokens = logits.clone(), model.seqs.clone()
+    dirty_logits[:, -1] = math.nan
+    tokens[:, -1] = -100
+    dirty = rl.sequence_kl_from_logits(dirty_logits, ref, tokens, mask=mask, estimator="mix")
+    _close(dirty.terms, clean.terms, 0.0)
+
+
+def test_from_logits_gradient_to_a_trainable_reference_is_the_same_for_every_estimator():
+    """When ``ref_logits`` requires grad (e.g. a teacher trained too), every estimator's expected
+    gradient w.r.t. π_ref is ∇_ref of the sequence KL (sampling does not depend on π_ref): truth
+    by autograd of the enumerated closed form Σ_y π(y) Σ_t m_t (log π − log π_ref)."""
+    model = toy_model(3, 3, distance=1.0, eos=True, seed=5)
+    ref = model.ref.clone().requires_grad_(True)
+    lq = model.logp(model.theta)
+    lr = torch.log_softmax(ref, -1)[model.prefix, model.seqs]
+    prob = lq.sum(1).exp()
+    (g_true,) = torch.autograd.grad((prob * ((lq - lr) * model.mask).sum(1)).sum(), ref)
+    logits = model.theta[model.prefix]
+    for estimator, kw in (("k1", {}), ("full", {}), ("mix", {"alpha": 0.3})):
+        r = ref.detach().clone().requires_grad_(True)
+        out = rl.sequence_kl_from_logits(
+            logits, r[model.prefix], model.seqs, mask=model.mask, estimator=estimator, **kw
+        )
+        (g,) = torch.autograd.grad((prob * out.terms.sum(1)).sum(), r)
+        _close(g, g_true)

@@ -12,6 +12,7 @@ need them.
 ('closed form', True)
 """
 
+from ._executors import dask_executor
 from .distributions import Distribution, as_distribution
 from .engine import EstimatorResult, run, run_many
 from .experiments import compare, reproduce, sweep
@@ -25,6 +26,7 @@ __all__ = [
     "Truth",
     "as_distribution",
     "compare",
+    "dask_executor",
     "parse",
     "register_truth",
     "reproduce",

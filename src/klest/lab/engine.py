@@ -34,13 +34,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from klest import KlestError, Moments, _stream
-from klest._config import get_options, options
+from klest._config import fast_wanted, get_options, options
 from klest.table import Estimator, fast_kernel, get_estimator
 
 from . import distributions as D
@@ -251,6 +252,7 @@ def run(
     chunk: int = CHUNK,
     block: int = BLOCK,
     progress: Callable[[int, int], None] | None = None,
+    executor: Executor | None = None,
 ) -> dict[str, EstimatorResult]:
     """Draw n samples from q and return each estimator's streamed statistics against p.
 
@@ -258,13 +260,27 @@ def run(
     ``k_opt_crossfit`` is not offered: the streamed ``k_opt`` fits λ̂ on all samples, with O(1/n)
     bias). ``progress(done, n)`` is called from the calling thread after each block. ``workers``
     defaults to ``klest.options(threads=...)``; the result does not depend on it.
+    ``executor``: any :class:`concurrent.futures.Executor` (a process pool, a Dask client's
+    ``get_executor()``, ...) runs the blocks instead of the engine's threads; the blocks are
+    sent as picklable tasks and folded in block order, so the result is bit-identical to a local
+    run with the same seed (torch.distributions, which sample from torch's global generator, run
+    locally).
 
     >>> res = run("normal(0, 1)", "normal(1, 1)", ["k1", "k3"], n=200_000, seed=1)
     >>> round(res["k3"].mean, 2), res["k3"].reliable
     (0.5, True)
     """
     return run_many(
-        q, [p], estimators, n, seed, workers=workers, chunk=chunk, block=block, progress=progress
+        q,
+        [p],
+        estimators,
+        n,
+        seed,
+        workers=workers,
+        chunk=chunk,
+        block=block,
+        progress=progress,
+        executor=executor,
     )[0]
 
 
@@ -279,11 +295,13 @@ def run_many(
     chunk: int = CHUNK,
     block: int = BLOCK,
     progress: Callable[[int, int], None] | None = None,
+    executor: Executor | None = None,
 ) -> list[dict[str, EstimatorResult]]:
     """:func:`run` for several targets p_1, ..., p_m at once, on the same n draws from q.
 
     Drawing is usually the dominant cost, and one set of draws serves every target (common random
     numbers: each target's estimate is exactly what :func:`run` returns for it with this seed).
+    ``executor``: as in :func:`run`.
     """
     q = D.as_distribution(q)
     targets = [D.as_distribution(p) for p in ps]
@@ -302,6 +320,7 @@ def run_many(
         raise KlestError(f"workers must be >= 1, got {workers}", argument="workers")
     if any(isinstance(d, D.TorchDistribution) for d in (q, *targets)):
         workers = 1  # torch.distributions sample from torch's global generator
+        executor = None
 
     per_sample = tuple(name for name in names if not records[name].batch)
     recs = tuple(records[name] for name in per_sample)
@@ -325,9 +344,12 @@ def run_many(
         if progress is not None:
             progress(done, n)
 
-    results = _stream.ordered_map(
-        lambda i: run_block(plan, i), range(len(plan.sizes)), workers, report
-    )
+    task: Callable[[int], BlockResult] = lambda i: run_block(plan, i)  # noqa: E731
+    if executor is not None:
+        from ._executors import block_task, executor_width
+
+        task, workers = block_task(plan, executor), executor_width(executor, workers)
+    results = _stream.ordered_map(task, range(len(plan.sizes)), workers, report, executor)
     out = []
     for j in range(len(targets)):
         values = {name: _stream.finish([r.values[j][name] for r in results]) for name in per_sample}
@@ -342,7 +364,7 @@ def run_many(
 def _fusable(q: D.Distribution, targets: Sequence[D.Distribution], recs: Sequence[Any]) -> bool:
     if not recs or type(q) is not D.Normal or any(type(p) is not D.Normal for p in targets):
         return False
-    if any(fast_kernel(r) is None for r in recs):
+    if any(fast_kernel(r) is None for r in recs) or not fast_wanted():
         return False
     try:
         from klest import _fast

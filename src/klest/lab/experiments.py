@@ -16,6 +16,7 @@ import os
 import struct
 import tempfile
 from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any
 
@@ -168,13 +169,16 @@ def _rows_for(
     workers: int | None,
     progress: Callable[[int, int], None] | None,
     expected: Callable[[D.Distribution, str], tuple[tuple[float, float] | None, bool | None]],
+    executor: Executor | None = None,
 ) -> list[dict[str, Any]]:
     truths = {
         (j, tgt): _checked_truth(q, p, tgt, seed)
         for j, p in enumerate(targets)
         for tgt in dict.fromkeys(estimator_target(e) for e in estimators)
     }
-    results = run_many(q, targets, estimators, n, seed, workers=workers, progress=progress)
+    results = run_many(
+        q, targets, estimators, n, seed, workers=workers, progress=progress, executor=executor
+    )
     rows = []
     for j, p in enumerate(targets):
         for name in estimators:
@@ -216,11 +220,14 @@ def reproduce(
     estimators: Sequence[str] = REPRODUCE_ESTIMATORS,
     workers: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    executor: Executor | None = None,
 ) -> list[dict[str, Any]]:
     """The seed's experiment: q = N(0, 1), p = N(μ, 1) for each shift μ, n samples.
 
     One set of n draws from q serves every shift. Expected columns come from the closed forms of
-    :func:`normal_shift_expected`, the truth (μ²/2) from the closed-form registry.
+    :func:`normal_shift_expected`, the truth (μ²/2) from the closed-form registry. ``executor``
+    (any :class:`concurrent.futures.Executor`, e.g. a Dask client's) runs the sampling blocks;
+    the numbers do not depend on it (:func:`klest.lab.run`).
     """
     q = D.Normal(0.0, 1.0)
     targets = [D.Normal(float(mu), 1.0) for mu in shifts]
@@ -234,7 +241,7 @@ def reproduce(
         except KlestError:
             return _expected_generic(q, p, name, truth(q, p, estimator_target(name)))
 
-    return _rows_for(q, targets, list(estimators), n, seed, workers, progress, expected)
+    return _rows_for(q, targets, list(estimators), n, seed, workers, progress, expected, executor)
 
 
 # ------------------------------------------------------------------------------ compare
@@ -247,13 +254,14 @@ def compare(
     *,
     workers: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    executor: Executor | None = None,
 ) -> list[dict[str, Any]]:
     """The same table for any pair: q and p are specs, lab distributions, frozen SciPy
     distributions or torch.distributions objects.
 
     Expected columns come from exact sums (discrete q) or quadrature (univariate continuous q),
     and are ``None`` elsewhere; ``variance_finite`` is False where the per-sample variance is
-    infinite.
+    infinite. ``executor``: as in :func:`reproduce`.
     """
     qd = D.as_distribution(q)
     pd = D.as_distribution(p)
@@ -261,7 +269,7 @@ def compare(
     def expected(pp: D.Distribution, name: str) -> tuple[tuple[float, float] | None, bool | None]:
         return _expected_generic(qd, pp, name, truth(qd, pp, estimator_target(name), seed=seed + 1))
 
-    return _rows_for(qd, [pd], list(estimators), n, seed, workers, progress, expected)
+    return _rows_for(qd, [pd], list(estimators), n, seed, workers, progress, expected, executor)
 
 
 # -------------------------------------------------------------------------------- sweep
@@ -334,6 +342,7 @@ def sweep(
     workers: int | None = None,
     on_point: Callable[[int, int, list[dict[str, Any]]], None] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    executor: Executor | None = None,
 ) -> list[dict[str, Any]]:
     """Run :func:`compare` at every value of ``param`` (a name used in the q and/or p spec).
 
@@ -343,6 +352,8 @@ def sweep(
     A file holding a different sweep (other specs, n, seed, estimators or grid of values) is an
     error. The point at value v uses its own seed derived from (seed, v), so resumed and
     uninterrupted sweeps agree, and a value shared by two grids gets the same numbers in both.
+    ``executor`` runs each point's sampling blocks (as in :func:`reproduce`); the points are
+    computed and saved one after another, in grid order.
     """
     from .specs import parse, variables_used
 
@@ -374,7 +385,20 @@ def sweep(
     path = Path(out) if out is not None else None
     if path is None:
         return _sweep_points(
-            q, p, param, values, estimators, n, seed, config, None, [], workers, on_point, progress
+            q,
+            p,
+            param,
+            values,
+            estimators,
+            n,
+            seed,
+            config,
+            None,
+            [],
+            workers,
+            on_point,
+            progress,
+            executor,
         )
     try:
         probe_writable(path)  # before any work: a run must not end in an unwritable file
@@ -396,6 +420,7 @@ def sweep(
             workers,
             on_point,
             progress,
+            executor,
         )
 
 
@@ -453,6 +478,7 @@ def _sweep_points(
     workers: int | None,
     on_point: Callable[[int, int, list[dict[str, Any]]], None] | None,
     progress: Callable[[int, int], None] | None,
+    executor: Executor | None = None,
 ) -> list[dict[str, Any]]:
     from .specs import parse
 
@@ -470,6 +496,7 @@ def _sweep_points(
                 _point_seed(seed, v),
                 workers=workers,
                 progress=progress,
+                executor=executor,
             )
         ]
         if path is not None:

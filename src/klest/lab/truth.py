@@ -35,6 +35,7 @@ mixture components is not support.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import warnings
@@ -750,6 +751,12 @@ class _Growth:
     c: float
     d: float  # 1/L and 1/L² terms: log(L - 1) = log L - 1/L - 1/(2L²) - ...
     e: float
+    # the same model of log|g(-M)| in M = -L for L below -neg.lmax, where g(L) overflows as
+    # r -> 0 (e.g. α < 0: g ~ e^{αL}); with it, q·g = exp((1 + κ)·log q - κ·log p + ...) stays
+    # evaluable where a fast-falling p (Gaussian under an exponential q) makes g overflow, so
+    # the tail's verdict is decided from its log-slope instead of refused
+    neg: _Growth | None = None
+    neg_sign: float = 1.0
 
 
 def _growth(g: Callable[[np.ndarray], np.ndarray]) -> _Growth:
@@ -784,6 +791,21 @@ def _growth(g: Callable[[np.ndarray], np.ndarray]) -> _Growth:
     return _Growth(float(xs[-1]), kappa, mu, c, d, e)
 
 
+def _growth_both(g: Callable[[np.ndarray], np.ndarray]) -> _Growth:
+    """:func:`_growth`, with the model toward L -> -inf added where g grows there (it is used
+    only where g(L) itself overflows)."""
+    grow = _growth(g)
+    try:
+        neg = _growth(lambda M: g(-M))
+    except KlestError:
+        return grow
+    with np.errstate(all="ignore"):
+        sign = float(np.sign(np.asarray(g(np.array([-neg.lmax])), dtype=np.float64)[0]))
+    if neg.kappa <= 0 or sign == 0:
+        return grow
+    return dataclasses.replace(grow, neg=neg, neg_sign=sign)
+
+
 def _log_terms(
     lq: np.ndarray,
     lp: np.ndarray,
@@ -813,6 +835,13 @@ def _log_terms(
         )
         out = np.where(big, model, direct)
         sign = np.where(big, 1.0, sign)
+        n = grow.neg
+        if n is not None:  # g overflowed toward r -> 0: log q + k·log|g| from the model in -L
+            nb = np.isinf(v) & (L < -n.lmax) & np.isfinite(L)
+            M = np.where(nb, -L, 1.0)
+            n_model = lq + k * (n.kappa * M + n.mu * np.log(M) + n.c + (n.d + n.e / M) / M)
+            out = np.where(nb, n_model, out)
+            sign = np.where(nb, 1.0 if squared else grow.neg_sign, sign)
         valid = np.isfinite(lq) & ~np.isnan(out) & (out < np.inf)
     return np.where(valid, out, -np.inf), np.where(valid, sign, 0.0), valid
 
@@ -835,7 +864,7 @@ def _integral(
     """
     from scipy import integrate
 
-    grow = _growth(g)
+    grow = _growth_both(g)
     lo, hi = q.support
     pts = _breakpoints(q, p)
     # (end, side, t0, dirn, name): x = end + side·e^t, t = t0 + dirn·τ for τ >= 0

@@ -417,6 +417,20 @@ def _check_topk(
     return idx, r
 
 
+def _no_topk(logprobs: Any, indices: Any, shape: torch.Size) -> bool:
+    """True for a well-formed k = 0 (shapes ``shape + (0,)``, integer ids, floating log-probs)."""
+    if not (isinstance(logprobs, torch.Tensor) and isinstance(indices, torch.Tensor)):
+        return False
+    if logprobs.ndim == 0 or logprobs.shape[-1] != 0:
+        return False
+    want = (*tuple(shape), 0)
+    if tuple(logprobs.shape) != want or tuple(indices.shape) != want:
+        return False  # _check_topk says what is wrong
+    return logprobs.is_floating_point() and not (
+        indices.is_floating_point() or indices.dtype == torch.bool or indices.is_complex()
+    )
+
+
 def topk_kl(
     logits: torch.Tensor,
     ref_topk_logprobs: torch.Tensor,
@@ -447,6 +461,7 @@ def topk_kl(
     same direction (coarsening can only lose divergence), equal to it when k = V − 1 (or when
     both distributions agree, up to a factor, on the rest). Gradients flow to ``logits`` (the
     whole row, through log π_K and R) and to ``ref_topk_logprobs`` if it requires grad.
+    k = 0 is allowed: one outcome each side, KL exactly 0 with zero gradients.
 
     Args:
         logits: [..., V] policy (student) logits, divided by ``temperature``.
@@ -475,6 +490,15 @@ def topk_kl(
     m = flat_mask(mask, a.shape[:-1], a.device)
     V = a.shape[-1]
     g = group_of(process_group, V, a.device)
+    if _no_topk(ref_topk_logprobs, ref_topk_indices, a.shape[:-1]):
+        # k = 0: both sides coarsen to the single outcome "the rest" (mass 1 each): KL 0 exactly,
+        # with zero gradients (the ``where`` passes 0, never 0·inf, to logits)
+        a0 = a.reshape(-1, V)[:, 0]
+        r0 = ref_topk_logprobs.reshape(a0.shape[0], 0).sum(-1)  # exactly 0, keeps r's graph
+        cdt = compute_dtype(a, ref_topk_logprobs)
+        never = torch.zeros_like(a0, dtype=torch.bool)
+        values = torch.where(never, a0.to(cdt), r0.to(cdt))
+        return finish(values, a.shape[:-1], mask, aggregation, distributed, data_group)
     idx, r = _check_topk(ref_topk_logprobs, ref_topk_indices, a.shape[:-1], g.vocab, m)
     if r.device != a.device:
         raise KlestError(f"is on {r.device}, logits on {a.device}", argument="ref_topk_logprobs")

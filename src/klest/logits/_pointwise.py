@@ -97,6 +97,10 @@ def _jsd_terms(
         t.neg_()  # log Q − log P
         v = log_mix_ratio(t, 1.0 - beta, bu)
         u = torch.sub(v, t, out=bt)
+    # one side masks a token the other gives mass: t = ±inf and u − t or v + t is inf − inf;
+    # the limits are v = log(M/P) = log β where Q = 0 and u = log(M/Q) = log(1 − β) where P = 0
+    v.masked_fill_(x == _NEG, math.log(beta))
+    u.masked_fill_(y == _NEG, math.log1p(-beta))
     u.masked_fill_(x == _NEG, 0.0)
     v.masked_fill_(y == _NEG, 0.0)
     return u, v

@@ -42,6 +42,8 @@ engine). With the prefix ratio w_{1:t} = Π_{u<=t} π(y_u|y_<u)/μ(y_u|y_<u):
   A bias wherever a weight exceeds c; ``klest gradients`` measures it.
 
 Weights are detached (they multiply values and returns); log-weights are summed in float64.
+If ``ref_logp`` (or ``kl``) requires grad, the gradient w.r.t. the reference is the pathwise one,
+unbiased for ∇_ref of the sequence KL (the samples do not depend on π_ref).
 Masked tokens contribute 0 to values, weights (a ratio of 1) and gradients. The terms are float64
 if any input is, else float32 (16-bit inputs are computed in float32); gradients come back in
 each input's dtype.
@@ -49,7 +51,8 @@ each input's dtype.
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+import math
+from typing import Any, Literal, NamedTuple
 
 import torch
 
@@ -108,9 +111,31 @@ def _weights(
     return w_upto.to(cdt), w_before.to(cdt)
 
 
+class _Score(torch.autograd.Function):
+    """Value exactly 0 (even where ``coef`` is ±inf), derivative ``coef`` with respect to logp."""
+
+    @staticmethod
+    def forward(logp: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(logp)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        ctx.save_for_backward(inputs[1])
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (coef,) = ctx.saved_tensors
+        return grad * coef, None
+
+
 def _score(logp: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
-    """(logp - sg(logp))·sg(coef): value exactly 0, derivative ``coef`` with respect to logp."""
-    return (logp - logp.detach()) * coef.detach()
+    """The score term sg(coef)·∇log π: value 0, derivative ``coef`` with respect to logp.
+
+    Written as (logp − sg(logp))·sg(coef) it would be 0·inf = NaN where a return is +inf (π_ref
+    gives a later token probability 0); this value stays 0, so the terms say +inf, not NaN.
+    """
+    out: torch.Tensor = _Score.apply(logp, coef.detach())
+    return out
 
 
 def fit_alpha(
@@ -122,7 +147,8 @@ def fit_alpha(
         \qquad D_t = G^{k1}_t - G^{full}_t,
 
     moments over the rows *not* in the row's fold (row b is in fold b mod ``folds``), so α is
-    independent of the row it weights and the mix stays unbiased. Rows [B, T] of returns.
+    independent of the row it weights and the mix stays unbiased. Rows [B, T] of returns; rows
+    with a non-finite return (an infinite KL) are left out of the moments.
     """
     if folds < 2:
         raise KlestError("cross-fitting needs at least 2 folds", argument="folds", value=folds)
@@ -130,9 +156,10 @@ def fit_alpha(
     d = returns_k1.detach().to(torch.float64) - a
     B = a.shape[0]
     fold = torch.arange(B, device=a.device) % folds
+    finite = torch.isfinite(a).all(-1) & torch.isfinite(d).all(-1)  # +inf rows carry no moments
     alpha = torch.zeros(B, dtype=torch.float64, device=a.device)
     for k in range(folds):
-        other = fold != k
+        other = (fold != k) & finite
         n = int(other.sum())
         if n < 2:
             continue
@@ -207,6 +234,24 @@ def sequence_kl(
                 value=x,
             )
     m = check_mask(mask, logp.shape, logp.device)
+    if alpha != "cross_fit" and not (
+        isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and math.isfinite(alpha)
+    ):
+        raise KlestError("must be a finite number or 'cross_fit'", argument="alpha", value=alpha)
+    for name, x in (("logp", logp), ("old_logp", old_logp)):
+        if x is None:
+            continue
+        bad = ~torch.isfinite(x.detach())
+        if m is not None:
+            bad = bad & m
+        n_bad = int(bad.sum())
+        if n_bad:
+            raise KlestError(
+                f"is ±inf or NaN at {n_bad} valid token(s) (log-probs of sampled tokens must be "
+                "finite; masked tokens may hold anything)",
+                argument=name,
+                value=x,
+            )
     # float64 if any input is, else float32 (16-bit inputs are computed in float32)
     f64 = any(x is not None and x.dtype == torch.float64 for x in (logp, ref_logp, kl))
     cdt = torch.float64 if f64 else torch.float32
@@ -221,7 +266,11 @@ def sequence_kl(
         ell = kl_penalty(logp, ref_logp, mask=m, estimator="k1").to(cdt)
         value = ell if w_upto is None else w_upto * ell
         k1_returns = reward_to_go(value, m)  # Σ_{s>=t} w_{1:s} ℓ_s
-        k1_terms = zero_masked(value + _score(logp, k1_returns))
+        k1_terms = value + _score(logp, k1_returns)
+        if ref_logp.requires_grad:  # a trainable reference: the pathwise −w_{1:t}∇log π_ref,t
+            w = torch.ones_like(value) if w_upto is None else w_upto
+            k1_terms = k1_terms + _score(ref_logp.to(cdt), -w)
+        k1_terms = zero_masked(k1_terms)
     if kl is not None and estimator in ("full", "mix"):
         kl_ = zero_masked(kl.to(cdt))
         value_full = kl_ if w_before is None else w_before * kl_  # pathwise ∇KL_t kept
@@ -241,7 +290,11 @@ def sequence_kl(
     else:
         a = torch.full(logp.shape[:1], float(alpha), dtype=cdt, device=logp.device)
     a2 = a[:, None]
-    return SequenceKL(a2 * k1_terms + (1 - a2) * full_terms, a)
+    mixed = a2 * k1_terms + (1 - a2) * full_terms
+    # where π_ref gives a token probability 0 both terms are +inf: the mix is +inf (not 0·inf)
+    infinite = torch.isposinf(k1_terms.detach()) | torch.isposinf(full_terms.detach())
+    mixed = torch.where(infinite, torch.full((), torch.inf, dtype=cdt, device=mixed.device), mixed)
+    return SequenceKL(mixed, a)
 
 
 def sequence_kl_from_logits(
@@ -274,8 +327,8 @@ def sequence_kl_from_logits(
         )
     # the sampled tokens' log-probs without an [N, V] float32 copy
     logp = token_logprobs(logits, tokens, temperature, mask=mask)
-    ref_logp = token_logprobs(ref_logits.detach(), tokens, temperature, mask=mask)
-    kl = full_kl(logits, ref_logits, mask=None, direction="reverse", temperature=temperature)
+    ref_logp = token_logprobs(ref_logits, tokens, temperature, mask=mask)
+    kl = full_kl(logits, ref_logits, mask=mask, direction="reverse", temperature=temperature)
     return sequence_kl(
         logp,
         ref_logp,
