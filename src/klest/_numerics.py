@@ -184,8 +184,9 @@ _F32_CANDIDATE = 2.0**-40  # above every computed value at |L| < F32_SERIES_RADI
 
 
 def numpy_values(kind: str, x: Any, out: Any, single: bool = False) -> Any:
-    """``out[:] = kind(x)`` for a 1-D float64 NumPy ``x`` (``kind``: "expm1mx" or
-    "lexpl_mexpm1"); ``single``: x holds float32 values, which need float32 accuracy only."""
+    """``out[:] = kind(x)`` in float64 for a 1-D float32 or float64 NumPy ``x`` (``kind``:
+    "expm1mx" or "lexpl_mexpm1"); ``single``: x holds values of float32 origin, which need float32
+    accuracy only."""
     import numpy as np
 
     if x.size == 0:
@@ -270,13 +271,14 @@ def _closed_form(kind: str, x: Any, out: Any) -> Any:
     import numpy as np
 
     with np.errstate(invalid="ignore", over="ignore"):
+        # dtype=float64: x may hold float32 values, computed in float64 all the same
         if kind == "expm1mx":
-            np.expm1(x, out=out)
-            np.subtract(out, x, out=out)
+            np.expm1(x, out=out, dtype=np.float64)
+            np.subtract(out, x, out=out, dtype=np.float64)
             return out
-        e = np.exp(x)
-        np.multiply(x, e, out=out)
-        out -= np.expm1(x)  # below 1
+        e = np.exp(x, dtype=np.float64)
+        np.multiply(x, e, out=out, dtype=np.float64)
+        out -= np.expm1(x, dtype=np.float64)  # below 1
         big = x >= 1
         if big.any():
             out[big] = e[big] * (x[big] - 1) + 1  # above 1: no inf - inf

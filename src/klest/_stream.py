@@ -55,6 +55,9 @@ BLOCK_CHUNKS = 64  # chunks per unit of parallel work (fixed, so results ignore 
 # least 1024 elements (whole or cut) go to it in larger pieces: the Python cost per piece
 # (~10 µs) is then under 5 %, and a gather of strided rows uses more of each cache line.
 KERNEL_CHUNK = 1 << 17
+# A NumPy chunk kernel on a full reduction: pieces whose one float64 work buffer (512 KiB) stays
+# in L2 while the per-piece Python cost (held under the GIL, so not parallel) falls by half.
+NUMPY_KERNEL_CHUNK = 1 << 16
 _ROW = 8192  # BLAS dots below OpenBLAS's threading threshold: no helper threads left spinning
 
 T = TypeVar("T")
@@ -483,9 +486,12 @@ def numpy_kernel(kind: str) -> Callable[[np.ndarray], tuple[float, float, float,
 
     def kernel(L: np.ndarray) -> tuple[float, float, float, float]:
         L = L.reshape(-1)
-        x = _BUFFERS.get(L.size, slot="_x")
         v = _BUFFERS.get(L.size, slot="_v")
-        np.copyto(x, L, casting="unsafe")
+        if L.dtype in (np.float32, np.float64):
+            x = L  # read as it is: the values are computed in float64 (one work buffer)
+        else:
+            x = _BUFFERS.get(L.size, slot="_x")
+            np.copyto(x, L, casting="unsafe")
         numpy_values(kind, x, v, single=L.dtype == np.float32)
         p = chunk_moments(v)
         return p.mean, p.m2, p.vmin, p.vmax
@@ -759,9 +765,14 @@ def reduce_array(
     if rec.batch:
         n, mean, m2, moved = _kopt_rows(job, _tasks(job), bool(rec.cross_fit), threads)
         return n.reshape(outer), mean.reshape(outer), m2.reshape(outer), moved
-    piece = CHUNK  # larger pieces for a compiled kernel, when it takes every row (see below)
-    if _kernel_applies(job, kernel) and kernel not in _NUMPY_KERNELS:
-        piece = KERNEL_CHUNK if math.prod(job.inner) >= 1024 else CHUNK
+    # larger pieces for a chunk kernel when it takes every row: compiled kernels always, NumPy
+    # ones for a full reduction (their Python cost per piece is held under the GIL)
+    piece = CHUNK
+    if _kernel_applies(job, kernel) and math.prod(job.inner) >= 1024:
+        if kernel not in _NUMPY_KERNELS:
+            piece = KERNEL_CHUNK
+        elif rows == 1:
+            piece = NUMPY_KERNEL_CHUNK
     tasks = _tasks(job, piece)
     results = _run(lambda t: _piece_moments(rec, job, t, kernel), tasks, threads, piece)
     n = np.zeros(rows)
