@@ -349,6 +349,15 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_gradients(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    from klest import KlestError
+
+    if importlib.util.find_spec("torch") is None:
+        raise KlestError(
+            "klest gradients differentiates klest.rl, which needs PyTorch: install torch "
+            "(its CPU build is enough), e.g. pip install 'klest[torch]'"
+        )
     from klest.lab.gradients import format_gradient_rows, plot_training, run_gradients
 
     if args.plot:

@@ -229,6 +229,18 @@ def test_cli_json_markdown_and_plot(tmp_path, capsys):
     assert "too many" in capsys.readouterr().err
 
 
+def test_cli_without_torch_says_so_in_one_line(monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a)
+    )
+    assert main(["gradients", "--steps", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "needs PyTorch" in err and len(err.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_mix_never_worse_than_the_better_of_k1_and_full_beyond_the_fitting_error(seed):
     """Exact tr Cov of α·k1 + (1-α)·full is a parabola in α: at the optimum α* it is at most the
