@@ -164,9 +164,9 @@ def main() -> None:
     gbs = 12 * V * N / stream_s / 1e9
     print(f"streaming pass (read 2 rows, write 1; {12 * V / 1e6:.2f} MB per row): "
           f"{stream_s:.3f} s = {gbs:.1f} GB/s")  # fmt: skip
-    print("klest full_kl moves 20·V bytes per row (both rows read in forward and again in "
-          "backward, the gradient written once); token_logprobs 12·V (one row read twice, "
-          "one written)")  # fmt: skip
+    print("klest full_kl moves 20·V bytes per row (both rows read and the gradient written "
+          "in forward, the gradient read and written again in backward to scale it); "
+          "token_logprobs 12·V (one row read twice, one written)")  # fmt: skip
 
     cs = args.chunk_size
 

@@ -157,7 +157,9 @@ def full_kl(
     """
     pr = prepare_pair(logits, ref_logits, mask, temperature, chunk_size, process_group)
     swap = check_direction(direction)
-    values = KLFunction.apply(pr.a, pr.b, pr.plan, pr.segs, swap, pr.inv_t, pr.group, pr.cdt)
+    values = KLFunction.apply(
+        pr.a, pr.b, pr.plan, pr.segs, swap, pr.inv_t, pr.group, pr.cdt, torch.is_grad_enabled()
+    )
     return finish(values, pr.a.shape[:-1], mask, aggregation, distributed, data_group)
 
 

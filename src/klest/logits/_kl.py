@@ -33,20 +33,35 @@ def lse_from_softmax(m: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return m.to(torch.float64) - torch.log(torch.amax(p, dim=-1).to(torch.float64))
 
 
+def row_dot(p: torch.Tensor, d: torch.Tensor, scratch: torch.Tensor | None) -> torch.Tensor:
+    """Σ_v p_v d_v per row; through ``scratch`` (a chunk buffer) when given, so that no
+    chunk-sized temporary is allocated."""
+    if scratch is None:
+        return torch.linalg.vecdot(p, d)
+    return torch.mul(p, d, out=scratch).sum(-1)
+
+
 def _local_stats(
-    x: torch.Tensor, y: torch.Tensor, bp: torch.Tensor, bq: torch.Tensor
+    x: torch.Tensor,
+    y: torch.Tensor,
+    bp: torch.Tensor,
+    bq: torch.Tensor,
+    scratch: torch.Tensor | None = None,
+    q_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool]:
     """(m_x, m_y, lse_x, lse_y, KL, careful) of one chunk (this shard's part of the vocabulary
-    normalised on its own). ``careful``: some row holds −inf logits (or is all −inf)."""
+    normalised on its own), with softmax(x) left in ``bp``, log X − log Y in ``bq`` and, when
+    ``q_out`` is given, softmax(y) in it. ``careful``: some row holds −inf logits (or is all
+    −inf)."""
     mx = torch.amax(x, dim=-1)
     my = torch.amax(y, dim=-1)
     p = torch.softmax(x, -1, out=bp)
-    q = torch.softmax(y, -1, out=bq)
+    q = torch.softmax(y, -1, out=bq if q_out is None else q_out)
     lx = lse_from_softmax(mx, p)
     ly = lse_from_softmax(my, q)
     d = torch.sub(x, y, out=bq)  # log p − log q = (x − y) − (lse_x − lse_y)
     d.sub_((lx - ly).to(d.dtype)[:, None])
-    kl = torch.linalg.vecdot(p, d)
+    kl = row_dot(p, d, scratch)
     careful = bool(torch.isnan(kl).any())
     if careful:
         # −inf logits: p_v = 0 contributes 0 whatever y_v is; p_v > 0 with y_v = −inf is +inf.
@@ -56,7 +71,9 @@ def _local_stats(
         ly = torch.where(my == _NEG, torch.full_like(ly, _NEG), ly)
         p.masked_fill_(x == _NEG, 0.0)
         d.masked_fill_(x == _NEG, 0.0)
-        kl = torch.linalg.vecdot(p, d)
+        if q_out is not None:
+            q_out.masked_fill_(y == _NEG, 0.0)
+        kl = row_dot(p, d, scratch)
         inf_rows = ((y == _NEG) & (x > _NEG)).any(-1)
         kl = torch.where(inf_rows, torch.full_like(kl, math.inf), kl)
         kl = torch.where(dead, torch.zeros_like(kl), kl)
@@ -103,7 +120,9 @@ def _combine(
 
 
 class KLFunction(torch.autograd.Function):
-    """KL(softmax(x)‖softmax(y)) per row; (x, y) = (a, b)·inv_t, or (b, a)·inv_t when ``swap``."""
+    """KL(softmax(x)‖softmax(y)) per row; (x, y) = (a, b)·inv_t, or (b, a)·inv_t when ``swap``.
+    ``grad_mode``: whether autograd records the call (``torch.is_grad_enabled()`` at the caller;
+    forward itself always runs without it)."""
 
     @staticmethod
     def forward(
@@ -116,26 +135,12 @@ class KLFunction(torch.autograd.Function):
         inv_t: float,
         g: Group,
         cdt: torch.dtype,
+        grad_mode: bool = True,
     ) -> torch.Tensor:
+        ga = early_grad(ctx.needs_input_grad, a, plan, g, cdt) if grad_mode else None
+        mx, my, lx, ly, kl, careful = chunk_pass(a, plan, segs, swap, inv_t, cdt, ga)
         dev = a.device
-        N = plan.n_rows
-        bp, bq = buffers(plan, a.shape[-1], cdt, dev, 2)
         f64 = torch.float64
-        mx = torch.zeros(N, dtype=cdt, device=dev)
-        my = torch.zeros(N, dtype=cdt, device=dev)
-        lx = torch.zeros(N, dtype=f64, device=dev)
-        ly = torch.zeros(N, dtype=f64, device=dev)
-        kl = torch.zeros(N, dtype=cdt, device=dev)
-        careful = torch.zeros(N, dtype=torch.bool)
-        for c in plan.chunks:
-            lo, hi = c
-            x, y = read_pair(plan, segs, c, cdt, inv_t, swap)
-            n = hi - lo
-            mx[lo:hi], my[lo:hi], lx[lo:hi], ly[lo:hi], kl[lo:hi], care = _local_stats(
-                x, y, bp[:n], bq[:n]
-            )
-            if care:
-                careful[lo:hi] = True
         names = ("ref_logits", "logits") if swap else ("logits", "ref_logits")
         raise_bad_rows(names[0], b if swap else a, mx, g)
         raise_bad_rows(names[1], a if swap else b, my, g)
@@ -147,6 +152,7 @@ class KLFunction(torch.autograd.Function):
         ctx.weights = (wx, wy)
         ctx.plan, ctx.segs, ctx.swap, ctx.inv_t, ctx.cdt = plan, segs, swap, inv_t, cdt
         ctx.careful = careful
+        ctx.early, ctx.early_path = ga, ga is not None
         return KL.to(cdt)
 
     @staticmethod
@@ -156,6 +162,14 @@ class KLFunction(torch.autograd.Function):
         cdt = ctx.cdt
         wx, wy = ctx.weights
         need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if ctx.early_path:  # forward wrote ∂KL/∂a: only the upstream factor is left
+            early, ctx.early = ctx.early, None
+            if early is None:  # a second backward (retain_graph): forward's pass, bit for bit
+                early = grad_buffer(a, plan)
+                chunk_pass(a, plan, ctx.segs, ctx.swap, ctx.inv_t, cdt, early)
+            s = (grad.reshape(-1).to(torch.float64) * ctx.inv_t).to(cdt)[:, None]
+            fix_inf_rows(early.view(-1, early.shape[-1]).mul_(s), torch.isinf(KL), s)
+            return early, None, None, None, None, None, None, None, None
         ga = grad_buffer(a, plan) if need_a else None
         gb = grad_buffer(b, plan) if need_b else None
         gx, gy = (gb, ga) if ctx.swap else (ga, gb)
@@ -184,7 +198,60 @@ class KLFunction(torch.autograd.Function):
                 out.sub_(p).mul_(s)
                 fix_inf_rows(out, inf_rows[lo:hi], s)
                 store(gy, c, out)
-        return ga, gb, None, None, None, None, None, None
+        return ga, gb, None, None, None, None, None, None, None
+
+
+def chunk_pass(
+    a: torch.Tensor,
+    plan: Plan,
+    segs: tuple[list[tuple[int, torch.Tensor]], list[tuple[int, torch.Tensor]]],
+    swap: bool,
+    inv_t: float,
+    cdt: torch.dtype,
+    ga: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward's pass over the chunks: per row (m_x, m_y, lse_x, lse_y, KL, careful) of this
+    shard, and, when ``ga`` is given, ∂KL/∂a written into it (a = x, or y when ``swap``)."""
+    dev = a.device
+    N = plan.n_rows
+    bq, br, *bp = buffers(plan, a.shape[-1], cdt, dev, 2 if ga is not None and not swap else 3)
+    f64 = torch.float64
+    mx = torch.zeros(N, dtype=cdt, device=dev)
+    my = torch.zeros(N, dtype=cdt, device=dev)
+    lx = torch.zeros(N, dtype=f64, device=dev)
+    ly = torch.zeros(N, dtype=f64, device=dev)
+    kl = torch.zeros(N, dtype=cdt, device=dev)
+    careful = torch.zeros(N, dtype=torch.bool)
+    for c in plan.chunks:
+        lo, hi = c
+        x, y = read_pair(plan, segs, c, cdt, inv_t, swap)
+        n = hi - lo
+        mine = None if ga is None else target(ga, c, cdt)  # a's gradient rows
+        p = bp[0][:n] if mine is None or swap else mine
+        q = mine if swap else None
+        mx[lo:hi], my[lo:hi], lx[lo:hi], ly[lo:hi], kl[lo:hi], care = _local_stats(
+            x, y, p, bq[:n], br[:n], q
+        )
+        if care:
+            careful[lo:hi] = True
+        if q is not None:  # a = y: ∂KL/∂y = Y − X
+            q.sub_(p)
+        elif mine is not None:  # a = x: ∂KL/∂x = X ⊙ (log X − log Y) − X·KL, br = X ⊙ d
+            torch.addcmul(br[:n], p, kl[lo:hi, None], value=-1.0, out=p)
+    return mx, my, lx, ly, kl, careful
+
+
+def early_grad(
+    needs: tuple[bool, ...], a: torch.Tensor, plan: Plan, g: Group, cdt: torch.dtype
+) -> torch.Tensor | None:
+    """The buffer forward writes ∂KL/∂a into (the gradient's own memory: X ⊙ (log X − log Y −
+    KL) when a is x, Y − X when a is y) when only a needs a gradient (the RL case), a is in the
+    computation dtype and the vocabulary is on one rank: backward then only scales it by the
+    upstream gradient instead of recomputing both softmaxes. None otherwise (backward
+    recomputes from the three saved floats per row)."""
+    if g.world != 1 or a.dtype != cdt or not needs[0] or needs[1]:
+        return None
+    return grad_buffer(a, plan)
 
 
 def softmax_rows(
