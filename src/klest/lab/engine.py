@@ -195,13 +195,15 @@ def run_block(plan: _Plan, index: int) -> BlockResult:
     spans = [_stream.Partial() for _ in range(m)]
     coefs = _coefficients(plan) if plan.fused else None
     done = 0
+    z_buf = np.empty(min(plan.chunk, size)) if coefs is not None else None
     with np.errstate(all="ignore"), options(validate=False):
         while done < size:
             k = min(plan.chunk, size - done)
-            if coefs is not None:
+            if z_buf is not None and coefs is not None:
                 from klest import _fast
 
-                z = rng.standard_normal(k)
+                z = z_buf[:k]  # drawn into one reused buffer: the same stream, no page faults
+                rng.standard_normal(out=z)
                 fused = _fast.quadratic_moments(z, coefs, plan.names)
                 for j in range(m):
                     for i, name in enumerate(plan.names):
