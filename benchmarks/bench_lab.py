@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -71,11 +72,15 @@ _PEAK = (
 )
 
 
-def peak_rss_mib(cmd: list[str]) -> tuple[float, float]:
+def peak_rss_mib(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
     """Peak resident memory (MiB) and wall seconds of ``cmd``, run as the only child of a fresh
-    helper process (so that RUSAGE_CHILDREN sees nothing else)."""
+    helper process (so that RUSAGE_CHILDREN sees nothing else); ``env``: added variables."""
     out = subprocess.run(
-        [sys.executable, "-c", _PEAK, *cmd], capture_output=True, text=True, check=True
+        [sys.executable, "-c", _PEAK, *cmd],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, **(env or {})},
     ).stdout.split()
     if out[2] != "0":
         raise RuntimeError(f"{cmd} failed")
@@ -123,14 +128,18 @@ def main() -> None:
     print(f"RATIO snippet / klest pure NumPy = {t_seed / med['numpy']:.1f}x (target >= 5)")
     print(f"  (independent draws per shift: {t_seed / t_sep:.1f}x)")
 
-    rss_klest, wall_klest = peak_rss_mib(
-        [sys.executable, "-m", "klest", "reproduce", "--n", str(args.n), "--quiet"]
-    )
+    reproduce = [sys.executable, "-m", "klest", "reproduce", "--n", str(args.n), "--quiet"]
+    rss_klest, wall_klest = peak_rss_mib(reproduce)
+    rss_forced, wall_forced = peak_rss_mib(reproduce, {"KLEST_FAST": "1"}) if has_fast else (0, 0)
     rss_seed, wall_seed = peak_rss_mib([sys.executable, str(SNIPPET), "--n", str(args.n)])
     print("peak resident memory, whole process:")
     print(f"  klest reproduce (5 estimators) : {rss_klest:.0f} MiB ({wall_klest:.2f} s wall)")
+    if has_fast:  # the default ("auto") does not load numba for a job this size: see options
+        print(f"  the same, KLEST_FAST=1 (numba) : {rss_forced:.0f} MiB ({wall_forced:.2f} s wall)")
     print(f"  seed snippet                   : {rss_seed:.0f} MiB ({wall_seed:.2f} s wall)")
     print(f"RATIO peak memory klest / snippet = {rss_klest / rss_seed:.2f} (target <= 0.25)")
+    if has_fast:
+        print(f"  (with numba loaded: {rss_forced / rss_seed:.2f})")
 
     if args.huge:
         n = int(args.huge)
@@ -161,6 +170,7 @@ def main() -> None:
                 "klest_separate_s": t_sep,
                 "snippet_s": t_seed,
                 "klest_rss_mib": rss_klest,
+                "klest_rss_numba_mib": rss_forced,
                 "snippet_rss_mib": rss_seed,
             }
         )

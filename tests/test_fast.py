@@ -322,6 +322,60 @@ def test_available_follows_options_and_environment(monkeypatch):
     assert not _fast.available()
 
 
+def test_fast_option_values():
+    for ok in (True, False, "auto"):
+        with klest.options(fast=ok) as o:
+            assert o.fast == ok
+    for bad in ("yes", 1, np.bool_(True), None):
+        with pytest.raises(klest.KlestError, match="fast"), klest.options(fast=bad):
+            pass
+
+
+@needs_numba
+def test_auto_loads_numba_only_once_the_work_pays():
+    """fast="auto" (the default): a small job in a fresh process stays on the NumPy path and does
+    not import numba; once the process's NumPy-path work reaches AUTO_FAST_WORK the kernels are
+    loaded (and used from then on); options(fast=True) and KLEST_FAST=1 load them at once, and
+    the numbers agree either way."""
+    code = """
+        import json, sys
+        import numpy as np
+        import klest, klest._config as c
+        c.AUTO_FAST_WORK = 250_000
+        L = np.random.default_rng(0).standard_normal(100_000) * 0.3
+        seen = []
+        means = []
+        for _ in range(4):
+            means.append(float(klest.estimate(log_ratio=L).mean))
+            seen.append("numba" in sys.modules)
+        print(json.dumps([seen, means]))
+        """
+    seen, means = _run(code, {"KLEST_FAST": ""})
+    assert seen == [False, False, True, True]  # 1e5, 2e5: below; 3e5 reaches it
+    assert means[3] == pytest.approx(means[0], rel=1e-12)
+    seen, _ = _run(code, {"KLEST_FAST": "1"})
+    assert seen == [True] * 4
+    seen, _ = _run(code.replace("c.AUTO_FAST_WORK = 250_000", "klest.set_options(fast=True)"), {})
+    assert seen == [True] * 4
+    seen, _ = _run(code.replace("250_000", "1"), {"KLEST_FAST": "0"})
+    assert seen == [False] * 4
+    # the lab counts samples x targets x estimators: 2 x 60,000 x 3 = 360,000 >= 250,000
+    lab = _run(
+        """
+        import json, sys
+        import klest._config as c
+        from klest.lab.engine import run_many
+        c.AUTO_FAST_WORK = 250_000
+        run_many("normal(0, 1)", ["normal(1, 1)"], ["k1", "k2", "k3"], 60_000)
+        first = "numba" in sys.modules
+        run_many("normal(0, 1)", ["normal(1, 1)"], ["k1", "k2", "k3"], 60_000)
+        print(json.dumps([first, "numba" in sys.modules]))
+        """,
+        {"KLEST_FAST": ""},
+    )
+    assert lab == [False, True]
+
+
 @needs_numba
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_estimate_with_and_without_the_kernels(dtype):

@@ -221,3 +221,29 @@ def test_truncated_series_keeps_the_ulp_bound(fn, ref, top):
     errs = ulp_error(fn(log_ratio=L), [ref(float(x)) for x in L], np.float64)
     worst = int(np.argmax(errs))
     assert errs[worst] <= MAX_ULP, f"{errs[worst]:.1f} ulp at L = {L[worst]!r}"
+
+
+@pytest.mark.parametrize(
+    ("kind", "ref"), [("expm1mx", ref_k3), ("lexpl_mexpm1", ref_forward_k3)], ids=["k3", "fk3"]
+)
+def test_lab_radius_within_lab_rtol(kind, ref):
+    """The lab's Monte Carlo values (series only on |L| < LAB_SERIES_RADIUS, the closed form
+    elsewhere) are within LAB_RTOL relative of the 50-digit value: dense around the switch and
+    down to 1e-8, where the closed form alone would be off by ~1e-8 relative; and the default
+    radius keeps its few ulp on the same points."""
+    from klest._numerics import LAB_RTOL, LAB_SERIES_RADIUS, numpy_values
+
+    mags = np.concatenate(
+        [MAGNITUDES, LAB_SERIES_RADIUS * np.linspace(0.9, 1.1, 201), np.logspace(-3, -1, 200)]
+    )
+    L = np.sort(np.concatenate([mags, -mags]))
+    want = np.array([float(ref(float(x))) for x in L])
+    got = numpy_values(kind, L, np.empty_like(L), radius=LAB_SERIES_RADIUS)
+    rel = np.abs(got - want) / want
+    worst = int(np.argmax(rel))
+    assert rel[worst] <= LAB_RTOL, f"{rel[worst]:.2e} at L = {L[worst]!r}"
+    # teeth: without the series below the radius, the small-|L| end fails the bound
+    naive = numpy_values(kind, L, np.empty_like(L), radius=0.0)
+    assert (np.abs(naive - want) / want).max() > 1e3 * LAB_RTOL
+    full = numpy_values(kind, L, np.empty_like(L))
+    assert ulp_error(full, [ref(float(x)) for x in L], np.float64).max() <= MAX_ULP

@@ -496,11 +496,11 @@ def numpy_kernel(kind: str) -> Callable[[np.ndarray], tuple[float, float, float,
         p = chunk_moments(v)
         return p.mean, p.m2, p.vmin, p.vmax
 
-    _NUMPY_KERNELS.add(kernel)
+    NUMPY_KERNELS.add(kernel)
     return kernel
 
 
-_NUMPY_KERNELS: set[Any] = set()
+NUMPY_KERNELS: set[Any] = set()
 
 
 _GATHER = 512  # columns per block of a strided 2-D gather: the lines it touches stay in L1
@@ -645,7 +645,7 @@ def _piece_moments(rec: Any, job: ArrayJob, t: _Task, kernel: Any) -> tuple[Any,
     if (
         _kernel_applies(job, kernel)
         and (t.rows == 1 or job.sources[0][t.index].size >= 1024 * t.rows)
-        and (t.rows == 1 or kernel not in _NUMPY_KERNELS)  # NumPy: rows at once, below
+        and (t.rows == 1 or kernel not in NUMPY_KERNELS)  # NumPy: rows at once, below
     ):
         return _kernel_rows(rec, job, t, kernel)
     L, keep, moved = _load(job, t)
@@ -769,7 +769,7 @@ def reduce_array(
     # ones for a full reduction (their Python cost per piece is held under the GIL)
     piece = CHUNK
     if _kernel_applies(job, kernel) and math.prod(job.inner) >= 1024:
-        if kernel not in _NUMPY_KERNELS:
+        if kernel not in NUMPY_KERNELS:
             piece = KERNEL_CHUNK
         elif rows == 1:
             piece = NUMPY_KERNEL_CHUNK

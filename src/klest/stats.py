@@ -295,6 +295,7 @@ def _estimate_numpy(
     ddof: int,
 ) -> Estimate:
     from ._backend import _clamp_bounds
+    from ._config import claim_fast, options
     from .table import fast_kernel
 
     if log_ratio is not None:
@@ -357,7 +358,8 @@ def _estimate_numpy(
         opts.validate,
         tuple(named),
     )
-    n, mean, m2, moved = _stream.reduce_array(rec, job, opts.threads, fast_kernel(rec))
+    with options(fast=claim_fast(math.prod(shape))):  # "auto": compiled once they pay
+        n, mean, m2, moved = _stream.reduce_array(rec, job, opts.threads, fast_kernel(rec))
     with np.errstate(invalid="ignore", divide="ignore"):
         dof = n - ddof
         var = np.where(dof > 0, m2 / np.where(dof > 0, dof, 1.0), np.nan)

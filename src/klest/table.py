@@ -356,7 +356,7 @@ def fast_kernel(rec: Estimator) -> Kernel | None:
     """The record's kernel if compiled kernels are enabled now (``klest.options(fast=...)``);
     otherwise, for a record whose values are a primitive of :mod:`klest._numerics` with a NumPy
     chunk form (k3, forward_k3), that NumPy kernel (see :func:`klest._stream.numpy_kernel`)."""
-    compiled = _compiled_kernel(rec)
+    compiled = _compiled_kernel(_with_kernel(rec))  # "auto" may have just decided to load them
     if compiled is not None:
         return compiled
     kind = numpy_kind(rec)
