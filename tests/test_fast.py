@@ -509,3 +509,55 @@ def test_estimate_k_opt_with_and_without_the_kernel(dtype):
     bad[3] = np.nan
     with pytest.raises(klest.KlestError):
         klest.estimate(log_ratio=bad, estimator="k_opt")
+
+
+# ---------------------------------------------------------------------- column reductions
+@needs_numba
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", ["k1", "k2", "k3", "forward_k1", "forward_k3"])
+def test_axis0_column_kernel_matches_numpy_per_column(name, dtype, monkeypatch):
+    """estimate(axis=0) on a 2-D array with contiguous rows reduces the columns in place
+    (kernel.columns: no transpose); per column, mean and std agree with NumPy's on the float64
+    values to 1e-12 (of the mean |value|) and 1e-10, for shapes that cut the tiles unevenly
+    and for strided views."""
+    from klest import _stream
+
+    calls = []
+    real = _stream._column_reduce
+    monkeypatch.setattr(_stream, "_column_reduce", lambda *a: calls.append(a[2].shape) or real(*a))
+    rng = np.random.default_rng(5)
+    base = (0.8 * rng.standard_normal((301, 2 * _stream.COLUMN_GROUP + 77)) - 0.3).astype(dtype)
+    for X in (base, base[:13, :300], base[::3, 5:1000:2], base[:2]):
+        with klest.options(fast=True):
+            got = klest.estimate(log_ratio=X, estimator=name, axis=0)
+        vals = _numpy_values(name, X.astype(np.float64))
+        assert got.n.tolist() == [X.shape[0]] * X.shape[1]
+        # rounding of a sum: relative to the mean, or to the values' size where they cancel
+        scale = np.abs(vals).mean(axis=0)
+        assert np.all(np.abs(got.mean - vals.mean(axis=0)) <= 1e-12 * scale)
+        np.testing.assert_allclose(got.std, vals.std(axis=0, ddof=1), rtol=1e-10, atol=0)
+    # the strided view's rows are not contiguous: that one goes through the rows path
+    assert len(calls) == 3 and calls[0] == base.shape
+
+
+@needs_numba
+def test_axis0_column_kernel_non_finite_columns_follow_the_rule():
+    """A column whose values overflow (k3 at L = 800) or hold NaN (validation off) gets what
+    the 1-D rule gives, the other columns are untouched, and NaN input is still refused."""
+    L = np.random.default_rng(6).normal(size=(500, 700))
+    L[321, 7] = 800.0  # k3 = +inf there
+    L[4, 650] = -np.inf  # k3 = +inf, forward_k3 = 1
+    L[99, 300] = np.nan
+    with klest.options(fast=True, validate=False):
+        got = klest.estimate(log_ratio=L, estimator="k3", axis=0)
+        fk3 = klest.estimate(log_ratio=L, estimator="forward_k3", axis=0)
+    with klest.options(fast=False, validate=False):
+        ref = klest.estimate(log_ratio=L, estimator="k3", axis=0)
+    assert got.mean[7] == np.inf and got.mean[650] == np.inf and np.isnan(got.mean[300])
+    np.testing.assert_array_equal(np.isnan(got.std), np.isnan(ref.std))
+    np.testing.assert_array_equal(np.isinf(got.mean), np.isinf(ref.mean))
+    ok = np.isfinite(ref.mean)
+    np.testing.assert_allclose(got.mean[ok], ref.mean[ok], rtol=1e-12)
+    assert np.isfinite(fk3.mean[650]) and np.isnan(fk3.mean[300])
+    with klest.options(fast=True), pytest.raises(klest.KlestError, match="NaN"):
+        klest.estimate(log_ratio=L, estimator="k3", axis=0)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import klest
-from klest import _stream
+from klest import _fast, _stream
 
 RNG = np.random.default_rng(21)
 
@@ -281,11 +281,16 @@ def test_equal_huge_values_have_zero_spread(estimator, fast):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_strided_rows_give_the_same_result_as_contiguous_ones(dtype, fast):
     """Reducing a leading axis (rows strided in memory, gathered in blocks of columns) gives
-    bit for bit what the same numbers laid out contiguously give."""
+    bit for bit what the same numbers laid out contiguously give; the compiled kernels reduce
+    such columns in place (kernel.columns, another summation order): to 1e-13 there."""
     A = (0.5 * np.random.default_rng(8).standard_normal((1500, 37))).astype(dtype)
     with klest.options(fast=fast):
         for est in ("k3", "k1", "k_opt"):
             strided = klest.estimate(log_ratio=A, estimator=est, axis=0)
             flat = klest.estimate(log_ratio=np.ascontiguousarray(A.T), estimator=est, axis=1)
-            np.testing.assert_array_equal(np.asarray(strided.mean), np.asarray(flat.mean))
-            np.testing.assert_array_equal(np.asarray(strided.std), np.asarray(flat.std))
+            got = np.asarray(strided.mean), np.asarray(strided.std)
+            want = np.asarray(flat.mean), np.asarray(flat.std)
+            if fast and est != "k_opt" and _fast.available():
+                np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-15)
+            else:
+                np.testing.assert_array_equal(got, want)

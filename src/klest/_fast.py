@@ -6,7 +6,9 @@ a 1-D chunk of log-ratios L (float32 or float64), accumulated in float64: what N
 rounding, non-finite cases included. :func:`quadratic_moments` does the same for the lab's normal
 pairs, where L = a·x² + b·x + c is formed on the fly and never stored. :func:`kopt_comoments`
 gives k_opt's co-moments of (L, k3, r - 1) over a chunk, with k3 from the same value loops.
-Importing this module never fails; without numba ``KERNELS`` is empty and :func:`available` is
+Each kernel also has a column form, ``KERNELS[name].columns(X)``: per-column (mean, m2) of a
+2-D X reduced over axis 0, read row by row in tiles (no transpose; ``estimate(axis=0)`` on a
+C-ordered matrix). Importing this module never fails; without numba ``KERNELS`` is empty and :func:`available` is
 False.
 
 **How the values are computed.** The chunk is cut into sub-blocks of ``SUB`` elements that stay in
@@ -64,6 +66,7 @@ __all__ = [
 Moments = tuple[float, float, float, float]
 
 SUB = 1024  # elements per sub-block: 8 KiB float64 buffers, in L1 cache (measured best)
+TILE_ROWS, TILE_COLS = 8, 128  # column reductions: tiles of SUB elements (4-16 rows: alike)
 LIMIT = 128.0  # largest |L| the doubling path takes: s <= 7, e^128 is finite in float64
 RADIUS = 1.0  # |y| after range reduction
 CODES = {"k1": 0, "k2": 1, "k3": 2, "forward_k1": 3, "forward_k3": 4}
@@ -165,6 +168,32 @@ def _kernel(code: int) -> Callable[[np.ndarray], Moments]:
         mean, m2, lo, hi = _moments_1d(L, code, L.dtype == np.float32)
         return float(mean), float(m2), float(lo), float(hi)
 
+    def columns(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(mean, m2)`` per column of a 2-D float32/float64 X reduced over axis 0, as the 1-D
+        kernel gives on each column (up to rounding), without transposing X."""
+        X = np.asarray(X)
+        if X.ndim != 2:
+            raise ValueError("columns() takes a 2-D array")
+        R, C = X.shape
+        if R == 0 or C == 0:
+            return np.full(C, np.nan), np.full(C, np.nan)
+        if (
+            X.dtype not in (np.float32, np.float64)
+            or X.strides[1] != X.itemsize
+            or X.strides[0] % X.itemsize
+            or X.strides[0] < 0
+        ):
+            X = np.ascontiguousarray(X, dtype=np.float64)
+        rs = X.strides[0] // X.itemsize
+        span = np.lib.stride_tricks.as_strided(X, ((R - 1) * rs + C,), (X.itemsize,))
+        out = np.empty((C, 3))
+        _columns(span, R, C, rs, code, X.dtype == np.float32, out)
+        mean, m2 = out[:, 0].copy(), out[:, 1].copy()
+        for j in np.flatnonzero(out[:, 2]):  # a non-finite tile sum: the 1-D kernel's rules
+            mean[j], m2[j], _, _ = kernel(X[:, j])
+        return mean, m2
+
+    kernel.columns = columns  # type: ignore[attr-defined]
     return kernel
 
 
@@ -556,5 +585,68 @@ if _nb is not None:
             out[4 + j] = S[j]
         out[10] = n_inf
         out[11] = 0.0
+
+    @_jit
+    def _columns(X: Any, R: int, C: int, rs: int, code: int, fast: bool, out: np.ndarray) -> None:
+        """Per-column (mean, m2, bad) of the values of a 2-D array [R, C] with contiguous rows,
+        reduced over its rows (axis 0) without transposing it (X: the 1-D span of its memory,
+        row i starting at i·rs). Row bands of TILE_ROWS rows are
+        read row by row (sequential streams the prefetcher follows) in tiles of TILE_COLS
+        columns, converted into a contiguous float64 buffer, their values computed as in
+        :func:`_fill`, summed per column (loops over columns inside: they vectorise) and merged
+        into the columns' running moments (Chan et al.; every column has seen the same rows).
+        ``bad`` is 1 for a column in which a tile's sum was not finite: the caller recomputes
+        those columns with the 1-D kernel (NumPy's rules for non-finite values)."""
+        TR, TC = TILE_ROWS, TILE_COLS
+        buf = np.empty(TR * TC)
+        vals = np.empty(TR * TC)
+        work = np.empty(TR * TC)
+        tmean = np.empty(TC)
+        tm2 = np.empty(TC)
+        mean = np.zeros(C)
+        m2 = np.zeros(C)
+        bad = np.zeros(C)
+        n = 0.0
+        for r0 in range(0, R, TR):
+            h = min(TR, R - r0)
+            k = float(h)
+            tot = n + k
+            for c0 in range(0, C, TC):
+                w = min(TC, C - c0)
+                for i in range(h):  # slices indexed by the loop variable: the copies vectorise
+                    o = (r0 + i) * rs + c0
+                    src = X[o : o + w]
+                    dst = buf[i * w : i * w + w]
+                    for j in range(w):
+                        dst[j] = src[j]
+                _fill(code, buf[: h * w], fast, vals[: h * w], work[: h * w])
+                for j in range(w):
+                    tmean[j] = 0.0
+                    tm2[j] = 0.0
+                for i in range(h):
+                    v = vals[i * w : i * w + w]
+                    for j in range(w):
+                        tmean[j] += v[j]
+                for j in range(w):
+                    tmean[j] /= k
+                    if not math.isfinite(tmean[j]):
+                        bad[c0 + j] = 1.0
+                        tmean[j] = 0.0
+                for i in range(h):
+                    v = vals[i * w : i * w + w]
+                    for j in range(w):
+                        d = v[j] - tmean[j]
+                        tm2[j] += d * d
+                cm = mean[c0 : c0 + w]
+                cq = m2[c0 : c0 + w]
+                for j in range(w):
+                    delta = tmean[j] - cm[j]
+                    cm[j] += delta * (k / tot)
+                    cq[j] += tm2[j] + delta * delta * (n * k / tot)
+            n = tot
+        for j in range(C):
+            out[j, 0] = mean[j]
+            out[j, 1] = m2[j]
+            out[j, 2] = bad[j]
 
     KERNELS.update({name: _kernel(code) for name, code in CODES.items()})

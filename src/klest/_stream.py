@@ -755,6 +755,43 @@ def _run(fn: Callable[[_Task], T], tasks: list[_Task], threads: int, piece: int 
     return [r for b in ordered_map(block, _blocks(tasks, size), threads) for r in b]
 
 
+COLUMN_GROUP = 2048  # columns per task of a column reduction (fixed: results ignore threads)
+
+
+def _column_source(job: ArrayJob, kernel: Any) -> np.ndarray | None:
+    """For a 2-D input reduced over its first axis (rows contiguous in memory, so the reduced
+    axis, moved last, is strided), the input as [R, C] when the kernel has a compiled column
+    form (``kernel.columns``, :mod:`klest._fast`) that reduces it without transposing."""
+    src = job.sources[0]
+    if (
+        not _kernel_applies(job, kernel)
+        or kernel in NUMPY_KERNELS
+        or getattr(kernel, "columns", None) is None
+        or src.ndim != 2
+        or job.n_kept != 1
+        or src.strides[0] != src.itemsize
+        or src.strides[1] == src.itemsize
+        or src.shape[0] < 2
+    ):
+        return None
+    return src.T
+
+
+def _column_reduce(
+    rec: Any, job: ArrayJob, X: np.ndarray, kernel: Any, threads: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(n, mean, m2) per column of X [R, C] by the kernel's column form, in fixed groups of
+    COLUMN_GROUP columns on the threads."""
+    R, C = X.shape
+    groups = [(a, min(a + COLUMN_GROUP, C)) for a in range(0, C, COLUMN_GROUP)]
+    parts = ordered_map(lambda g: kernel.columns(X[:, g[0] : g[1]]), groups, threads)
+    mean = np.concatenate([p[0] for p in parts])
+    m2 = np.concatenate([p[1] for p in parts])
+    if job.validate and (not np.all(np.isfinite(mean)) or rec.name not in _BUILTIN_KERNELED):
+        _bad_values(job, (slice(None), slice(None)))  # finite means prove finite input
+    return np.full(C, float(R)), mean, m2
+
+
 def reduce_array(
     rec: Any, job: ArrayJob, threads: int, kernel: Any = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
@@ -773,6 +810,10 @@ def reduce_array(
             piece = KERNEL_CHUNK
         elif rows == 1:
             piece = NUMPY_KERNEL_CHUNK
+    columns = _column_source(job, kernel)
+    if columns is not None:
+        n, mean, m2 = _column_reduce(rec, job, columns, kernel, threads)
+        return n.reshape(outer), mean.reshape(outer), m2.reshape(outer), 0
     tasks = _tasks(job, piece)
     results = _run(lambda t: _piece_moments(rec, job, t, kernel), tasks, threads, piece)
     n = np.zeros(rows)
