@@ -432,7 +432,7 @@ def test_compile_cache_is_reused_by_a_second_process(tmp_path: Path):
         import numpy as np
         from klest import _fast
         _fast.KERNELS["k3"](np.ones(5, dtype=np.float32))
-        d = _fast._moments_1d
+        d = _fast._moments_f32  # the float32 path
         print(json.dumps([sum(d.stats.cache_hits.values()), sum(d.stats.cache_misses.values())]))
         """
     env = {"NUMBA_CACHE_DIR": str(tmp_path / "cache")}

@@ -8,8 +8,8 @@ pairs, where L = a·x² + b·x + c is formed on the fly and never stored. :func:
 gives k_opt's co-moments of (L, k3, r - 1) over a chunk, with k3 from the same value loops.
 Each kernel also has a column form, ``KERNELS[name].columns(X)``: per-column (mean, m2) of a
 2-D X reduced over axis 0, read row by row in tiles (no transpose; ``estimate(axis=0)`` on a
-C-ordered matrix). Importing this module never fails; without numba ``KERNELS`` is empty and :func:`available` is
-False.
+C-ordered matrix). Importing this module never fails; without numba ``KERNELS`` is empty and
+:func:`available` is False.
 
 **How the values are computed.** The chunk is cut into sub-blocks of ``SUB`` elements that stay in
 L1 cache; each is converted to float64, its values are written to a buffer, and the buffer's sum,
@@ -163,10 +163,20 @@ def _as_chunk(L: np.ndarray) -> np.ndarray:
 
 
 def _kernel(code: int) -> Callable[[np.ndarray], Moments]:
-    def kernel(L: np.ndarray) -> Moments:
+    def moments(L: np.ndarray, extremes: bool) -> Moments:
         L = _as_chunk(L)
-        mean, m2, lo, hi = _moments_1d(L, code, L.dtype == np.float32)
+        if L.dtype == np.float32:
+            return _moments_f32(L, code, extremes)
+        return _moments_1d(L, code, False, extremes)
+
+    def kernel(L: np.ndarray) -> Moments:
+        mean, m2, lo, hi = moments(L, True)
         return float(mean), float(m2), float(lo), float(hi)
+
+    def mean_m2(L: np.ndarray) -> tuple[float, float]:
+        """``kernel(L)[:2]`` without tracking the extremes (less work)."""
+        mean, m2, _, _ = moments(L, False)
+        return float(mean), float(m2)
 
     def columns(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(mean, m2)`` per column of a 2-D float32/float64 X reduced over axis 0, as the 1-D
@@ -194,6 +204,7 @@ def _kernel(code: int) -> Callable[[np.ndarray], Moments]:
         return mean, m2
 
     kernel.columns = columns  # type: ignore[attr-defined]
+    kernel.mean_m2 = mean_m2  # type: ignore[attr-defined]
     return kernel
 
 
@@ -208,6 +219,8 @@ if _nb is not None:
     _INF_BITS = np.int64(0x7FF0_0000_0000_0000)
     _LIMIT_BITS = np.array([LIMIT]).view(np.int64)[0]
     _RADIUS_BITS = np.array([RADIUS]).view(np.int64)[0]
+    _LIMIT_BITS32 = np.int32(np.array([LIMIT], dtype=np.float32).view(np.int32)[0])
+    _RADIUS_BITS32 = np.int32(np.array([RADIUS], dtype=np.float32).view(np.int32)[0])
 
     @_jit
     def _exact(code: int, L: np.ndarray, out: np.ndarray) -> None:
@@ -371,12 +384,31 @@ if _nb is not None:
             q += d * d
         return t, q, lo, hi
 
+    @_jit_sum
+    def _sums_only(v: np.ndarray) -> tuple[float, float]:
+        """(Σ v, Σ (v - mean)²) as :func:`_sums`, without the extremes."""
+        t = 0.0
+        for i in range(v.size):
+            t += v[i]
+        if not math.isfinite(t):
+            return t, math.nan
+        mean = t / v.size
+        q = 0.0
+        for i in range(v.size):
+            d = v[i] - mean
+            q += d * d
+        return t, q
+
     @_jit
-    def _accumulate(v: np.ndarray, st: np.ndarray, keys: np.ndarray) -> None:
+    def _accumulate(v: np.ndarray, st: np.ndarray, keys: np.ndarray, extremes: bool) -> None:
         """Merge one sub-block's values into the running state (Chan et al. for finite ones).
-        keys: int64 scratch of size 2."""
+        keys: int64 scratch of size 2; ``extremes``: track the finite min and max too."""
         k = float(v.size)
-        total, m2, lo, hi = _sums(v)
+        if extremes:
+            total, m2, lo, hi = _sums(v)
+        else:
+            total, m2 = _sums_only(v)
+            lo = hi = 0
         if not math.isfinite(total):  # a non-finite value, or finite values whose sum overflows
             special = False
             for i in range(v.size):
@@ -397,11 +429,12 @@ if _nb is not None:
                 st[8] = 1.0 if total > 0.0 else -1.0
             st[0] += k  # the mean is moot from here on: only n and the flags matter
             return
-        keys[0] = lo ^ ((lo >> 63) & _ABS)
-        keys[1] = hi ^ ((hi >> 63) & _ABS)
-        vals = keys.view(np.float64)
-        st[3] = min(st[3], vals[0])
-        st[4] = max(st[4], vals[1])
+        if extremes:
+            keys[0] = lo ^ ((lo >> 63) & _ABS)
+            keys[1] = hi ^ ((hi >> 63) & _ABS)
+            vals = keys.view(np.float64)
+            st[3] = min(st[3], vals[0])
+            st[4] = max(st[4], vals[1])
         mean = total / k
         n = st[0]
         tot = n + k
@@ -438,7 +471,9 @@ if _nb is not None:
             out[3] = math.inf if pos else st[4]
 
     @_jit
-    def _moments_1d(L: Any, code: int, fast: bool) -> tuple[float, float, float, float]:
+    def _moments_1d(
+        L: Any, code: int, fast: bool, extremes: bool
+    ) -> tuple[float, float, float, float]:
         buf = np.empty(SUB)
         vals = np.empty(SUB)
         work = np.empty(SUB)
@@ -451,7 +486,39 @@ if _nb is not None:
             for i in range(m):
                 buf[i] = src[i]
             _fill(code, buf[:m], fast, vals[:m], work[:m])
-            _accumulate(vals[:m], st, keys)
+            _accumulate(vals[:m], st, keys, extremes)
+        out = np.empty(4)
+        _finish(st, out)
+        return out[0], out[1], out[2], out[3]
+
+    @_jit
+    def _moments_f32(L: Any, code: int, extremes: bool) -> tuple[float, float, float, float]:
+        """:func:`_moments_1d` for float32 input, the path every value takes (the same numbers):
+        the largest |L|'s bits are taken from the float32 bits in the widening copy itself,
+        which saves the separate pass of :func:`_fill` over the float64 buffer."""
+        buf = np.empty(SUB)
+        vals = np.empty(SUB)
+        work = np.empty(SUB)
+        keys = np.empty(2, dtype=np.int64)
+        st = np.zeros(_STATE)
+        st[3], st[4] = math.inf, -math.inf
+        bits = L.view(np.int32)
+        for a in range(0, L.size, SUB):
+            m = min(SUB, L.size - a)
+            src = L[a : a + m]
+            sb = bits[a : a + m]
+            mx = 0
+            for i in range(m):
+                buf[i] = src[i]
+                mx = max(mx, sb[i] & 0x7FFF_FFFF)
+            if code <= 1 or mx > _LIMIT_BITS32:  # inf, NaN or |L| > LIMIT: the scalar forms
+                _exact(code, buf[:m], vals[:m])
+            else:
+                s = 0
+                while mx > _RADIUS_BITS32 + (s << 23):  # the exponent field of a float32
+                    s += 1
+                _doubling(code, buf[:m], s, vals[:m], work[:m])
+            _accumulate(vals[:m], st, keys, extremes)
         out = np.empty(4)
         _finish(st, out)
         return out[0], out[1], out[2], out[3]
@@ -477,7 +544,7 @@ if _nb is not None:
                     Lb[i] = (src[i] * A + B) * src[i] + C
                 for j in range(K):
                     _fill(codes[j], Lb, True, vals[:m], work[:m])
-                    _accumulate(vals[:m], states[p, j], keys)
+                    _accumulate(vals[:m], states[p, j], keys, True)
         for p in range(P):
             for j in range(K):
                 _finish(states[p, j], out[p, j])
