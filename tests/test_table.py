@@ -178,10 +178,57 @@ def test_values_and_derivatives_against_mpmath(name):
         f = _MP_VALUES[name]
         assert v == pytest.approx(float(f(mpmath.mpf(x))), rel=1e-13, abs=1e-300)
         assert d == pytest.approx(float(mpmath.diff(f, mpmath.mpf(x))), rel=1e-12, abs=1e-30)
+    # v - v' in its own form: against the 40-digit value minus the 40-digit slope
+    got_g = rec.value_minus_derivative(npx, xs)
+    for x, g in zip(xs, got_g, strict=True):
+        f = _MP_VALUES[name]
+        want = f(mpmath.mpf(x)) - mpmath.diff(f, mpmath.mpf(x))
+        assert g == pytest.approx(float(want), rel=1e-12, abs=1e-30)
     # the limits at L = -inf (log p = -inf): r = 0
     edge = rec.derivative(npx, np.array([-np.inf]))
     if name in ("forward_k1", "forward_k3"):
         assert edge[0] == 0.0
+
+
+def test_fdiv_records_carry_the_divergences_derivative_forms():
+    """fdiv: records take v' and v - v' from the divergence's closed forms (one place), which
+    agree with 40-digit derivatives of f(e^L) - f'(1)(e^L - 1); a divergence registered with
+    forms that disagree with its value is refused."""
+    import array_api_compat.numpy as npx
+
+    mpmath.mp.dps = 40
+    xs = np.array([-20.0, -2.0, -0.5, -1e-4, 1e-5, 0.4, 3.0, 30.0])
+    for name in ("fdiv:chi2", "fdiv:squared_hellinger", "fdiv:jensen_shannon", "fdiv:alpha:-0.5"):
+        rec = klest.get_estimator(name)
+        div = klest.get_divergence(rec.target)
+        assert rec.derivative is not None and rec.value_minus_derivative is not None
+
+        def v(x, div=div):
+            t = mpmath.exp(x)
+            f = div.f if not div.name.startswith("alpha") else None
+            if f is None:
+                a = mpmath.mpf(dict(div.params)["alpha"])
+                return (t**a - a * t - (1 - a)) / (a * (a - 1))
+            if div.name == "jensen_shannon":
+                return (t * mpmath.log(t) - (1 + t) * mpmath.log((1 + t) / 2)) / 2
+            return (t - 1) ** 2 if div.name == "chi2" else (mpmath.sqrt(t) - 1) ** 2
+
+        d = rec.derivative(npx, xs)
+        g = rec.value_minus_derivative(npx, xs)
+        for x, di, gi in zip(xs, d, g, strict=True):
+            dv = mpmath.diff(v, mpmath.mpf(x))
+            assert di == pytest.approx(float(dv), rel=1e-10, abs=1e-300), (name, x)
+            assert gi == pytest.approx(float(v(mpmath.mpf(x)) - dv), rel=1e-10, abs=1e-12)
+    chi2 = klest.get_divergence("chi2")
+    wrong = klest.FDivergence(
+        "chi2_wrong_slope",
+        chi2.f,
+        chi2.f_prime_at_1,
+        chi2.log_form,
+        derivative_forms=(lambda xp, L: xp.expm1(L), *chi2.derivative_forms[1:]),
+    )
+    with pytest.raises(klest.KlestError, match="derivative_forms"):
+        klest.register_divergence(wrong)
 
 
 def test_registration_errors():

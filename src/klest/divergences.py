@@ -28,6 +28,9 @@ __all__ = [
 ]
 
 LogForm = Callable[[Any, Array], Array]  # (xp, L) -> f(e^L) - f'(1)·(e^L - 1)
+#: (v'(L), v(L) - v'(L), (their limits at L = -inf)) for v = f(e^L) - f'(1)·expm1(L): closed
+#: forms on finite L of v' = r·(f'(r) - f'(1)) and v - v' = f(r) - r·f'(r) + f'(1), r = e^L.
+DerivativeForms = tuple[LogForm, LogForm, tuple[float, float]]
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,11 @@ class FDivergence:
     the array, which is fine away from L = 0 but not accurate near it.
     ``f_array``: optional array version of f (defaults to ``f``, which must then accept arrays).
     ``plain_form``: optional ``(xp, L) -> f(e^L)`` evaluated stably (used by ``plain``).
+    ``derivative_forms``: optional closed forms of the corrected value's slope v'(L) and of
+    v(L) - v'(L) on finite L, and their limits at L = -inf (see :data:`DerivativeForms`): what
+    :mod:`klest.rl`'s gradients use. Autograd of the value gives NaN where e^L overflows
+    (inf - inf, 0·inf), and v - v' computed as a difference cancels two terms of size ~r; without
+    the forms :mod:`klest.rl` falls back to automatic differentiation of the value.
     """
 
     name: str
@@ -52,6 +60,21 @@ class FDivergence:
     plain_form: LogForm | None = None
     description: str = ""
     params: tuple[tuple[str, float], ...] = field(default=())
+    derivative_forms: DerivativeForms | None = None
+
+    def slope(self, xp: Any, L: Array) -> Array | None:
+        """v'(L) from ``derivative_forms`` (its limit at L = -inf); None without them."""
+        if self.derivative_forms is None:
+            return None
+        fn, _, (at_minus_inf, _) = self.derivative_forms
+        return _at_finite(xp, fn, L, at_minus_inf)
+
+    def value_minus_slope(self, xp: Any, L: Array) -> Array | None:
+        """v(L) - v'(L) from ``derivative_forms`` (its limit at L = -inf); None without them."""
+        if self.derivative_forms is None:
+            return None
+        _, fn, (_, at_minus_inf) = self.derivative_forms
+        return _at_finite(xp, fn, L, at_minus_inf)
 
     def corrected(self, xp: Any, L: Array) -> Array:
         """Per-sample f(r) - f'(1)(r - 1) from L = log r."""
@@ -140,6 +163,68 @@ def _jensen_shannon(xp: Any, L: Array) -> Array:
     return xp.where(finite, value, xp.full_like(L, math.log(2) / 2))
 
 
+# ------------------------------------------------- slopes v'(L) and v(L) - v'(L), closed forms
+def _at_finite(xp: Any, fn: LogForm, L: Array, at_minus_inf: float) -> Array:
+    """fn(L) where L > -inf, the limit where L = -inf; no NaN either way."""
+    finite = L > -xp.inf
+    Lf = xp.where(finite, L, xp.zeros_like(L))
+    return xp.where(finite, fn(xp, Lf), xp.full_like(L, at_minus_inf))
+
+
+_REVERSE_KL_D: DerivativeForms = (lambda xp, L: xp.expm1(L), lambda xp, L: -L, (-1.0, math.inf))
+_FORWARD_KL_D: DerivativeForms = (
+    lambda xp, L: L * xp.exp(L),
+    lambda xp, L: -xp.expm1(L),
+    (0.0, 1.0),
+)
+_CHI2_D: DerivativeForms = (
+    lambda xp, L: xp.exp(L + math.log(2)) * xp.expm1(L),  # 2r(r - 1), no overflow before r²
+    lambda xp, L: -xp.expm1(2 * L),
+    (0.0, 1.0),
+)
+_HELLINGER_D: DerivativeForms = (
+    lambda xp, L: xp.exp(L / 2) * xp.expm1(L / 2),
+    lambda xp, L: -xp.expm1(L / 2),
+    (0.0, 1.0),
+)
+_JS_D: DerivativeForms = (
+    lambda xp, L: -xp.exp(L - math.log(2)) * _log_mean_with_one(xp, -L),
+    lambda xp, L: -0.5 * _log_mean_with_one(xp, L),
+    (0.0, 0.5 * math.log(2)),
+)
+_TV_D: DerivativeForms = (
+    lambda xp, L: xp.exp(L - math.log(2)) * xp.sign(L),
+    lambda xp, L: -0.5 * xp.sign(L),
+    (0.0, 0.5),
+)
+_LOG_SQUARED_D: DerivativeForms = (
+    lambda xp, L: L,
+    lambda xp, L: L * L * 0.5 - L,
+    (-math.inf, math.inf),
+)
+
+
+def _alpha_derivatives(a: float) -> DerivativeForms:
+    """v' = (r^α - r)/(α - 1) and v - v' = -expm1(αL)/α for the α-divergence (α ≠ 0, 1)."""
+    sign = 1.0 if a > 1 else -1.0
+    c = math.log(abs(a - 1))  # 1/(α - 1) folded into the exponents: results near the overflow
+    # bound that fit stay finite
+
+    def slope(xp: Any, L: Array) -> Array:
+        # e^L·expm1((α-1)L)/(α-1) (no cancellation near 0; inf·finite, not inf - inf, for L > 0)
+        # and (e^{αL} - e^L)/(α-1) below L = -1 (no 0·inf when e^{(α-1)L} overflows)
+        lo = L < -1
+        Lh = xp.where(lo, xp.zeros_like(L), L)
+        Ll = xp.where(lo, L, xp.full_like(L, -2.0))
+        hi_form = xp.exp(Lh - c) * xp.expm1((a - 1) * Lh) * sign
+        lo_form = (xp.exp(a * Ll - c) - xp.exp(Ll - c)) * sign
+        return xp.where(lo, lo_form, hi_form)
+
+    # r -> 0: v' -> 0 (α > 0) or -inf (α < 0); v - v' -> 1/α (α > 0) or +inf (α < 0)
+    limits = (0.0, 1.0 / a) if a > 0 else (-math.inf, math.inf)
+    return slope, lambda xp, L: -xp.expm1(a * L) / a, limits
+
+
 def _js_scalar(t: float) -> float:
     if t == 0:
         return math.log(2) / 2
@@ -170,6 +255,7 @@ def alpha_divergence(alpha: float) -> FDivergence:
             _forward_kl,
             description="α = 1: forward KL",
             params=(("alpha", 1.0),),
+            derivative_forms=_FORWARD_KL_D,
         )
     if a == 0.0:
         return FDivergence(
@@ -179,6 +265,7 @@ def alpha_divergence(alpha: float) -> FDivergence:
             _reverse_kl,
             description="α = 0: reverse KL",
             params=(("alpha", 0.0),),
+            derivative_forms=_REVERSE_KL_D,
         )
     denom = a * (a - 1.0)
     at_zero = 1.0 / a if a > 0 else math.inf
@@ -263,7 +350,13 @@ def alpha_divergence(alpha: float) -> FDivergence:
         return (t**a - a * t - (1 - a)) / denom
 
     return FDivergence(
-        f"alpha:{a:g}", f, 0.0, form, description=f"α-divergence, α = {a:g}", params=(("alpha", a),)
+        f"alpha:{a:g}",
+        f,
+        0.0,
+        form,
+        description=f"α-divergence, α = {a:g}",
+        params=(("alpha", a),),
+        derivative_forms=_alpha_derivatives(a),
     )
 
 
@@ -355,6 +448,8 @@ def _check_f(div: FDivergence) -> None:
             f"f({t[i]:.6g}) = {v[i]:.6g} lies below the tangent",
             argument="div",
         )
+    if div.derivative_forms is not None:
+        _check_derivative_forms(div)
     if div.log_form is not None:
         import array_api_compat.numpy as npx
 
@@ -397,6 +492,37 @@ def divergence_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def _check_derivative_forms(div: FDivergence) -> None:
+    """The forms agree with the value: v' with its central difference (1e-5 relative) and
+    v - v' with the value minus that slope (1e-7), on L in [-3, 3] away from 0 (where a
+    non-smooth f has a kink)."""
+    import array_api_compat.numpy as npx
+    import numpy as np
+
+    L = np.array([-3.0, -1.7, -0.6, -0.2, 0.25, 0.7, 1.4, 3.0])
+    h = 1e-6
+    with np.errstate(all="ignore"):
+        v = np.asarray(div.corrected(npx, L), dtype=np.float64)
+        diff = (
+            np.asarray(div.corrected(npx, L + h), dtype=np.float64)
+            - np.asarray(div.corrected(npx, L - h), dtype=np.float64)
+        ) / (2 * h)
+        slope = np.asarray(div.slope(npx, L), dtype=np.float64)
+        gap = np.asarray(div.value_minus_slope(npx, L), dtype=np.float64)
+    for what, got, want, tol in (
+        ("v'(L)", slope, diff, 1e-5),
+        ("v(L) - v'(L)", gap, v - slope, 1e-7),
+    ):
+        close = np.isclose(got, want, rtol=tol, atol=1e-9)
+        if not close.all():
+            i = int(np.argmax(~close))
+            raise KlestError(
+                f"derivative_forms: {what} at L = {L[i]:g} is {got[i]!r}, the value gives "
+                f"{want[i]!r}",
+                argument="div",
+            )
+
+
 for _d in (
     FDivergence(
         "reverse_kl",
@@ -405,6 +531,7 @@ for _d in (
         _reverse_kl,
         plain_form=lambda xp, L: -L,
         description="KL(q‖p): f(t) = -log t; the corrected estimator is k3",
+        derivative_forms=_REVERSE_KL_D,
     ),
     FDivergence(
         "forward_kl",
@@ -413,9 +540,15 @@ for _d in (
         _forward_kl,
         plain_form=nm.xlogx,
         description="KL(p‖q): f(t) = t log t; corrected: r log r - (r - 1)",
+        derivative_forms=_FORWARD_KL_D,
     ),
     FDivergence(
-        "chi2", lambda t: (t - 1.0) ** 2, 0.0, _chi2, description="χ²(p‖q): f(t) = (t - 1)²"
+        "chi2",
+        lambda t: (t - 1.0) ** 2,
+        0.0,
+        _chi2,
+        description="χ²(p‖q): f(t) = (t - 1)²",
+        derivative_forms=_CHI2_D,
     ),
     FDivergence(
         "squared_hellinger",
@@ -423,6 +556,7 @@ for _d in (
         0.0,
         _hellinger,
         description="squared Hellinger: f(t) = (√t - 1)² (no ½ factor)",
+        derivative_forms=_HELLINGER_D,
     ),
     FDivergence(
         "jensen_shannon",
@@ -430,6 +564,7 @@ for _d in (
         0.0,
         _jensen_shannon,
         description="Jensen-Shannon: f(t) = ½[t log t - (1 + t) log((1 + t)/2)]",
+        derivative_forms=_JS_D,
     ),
     FDivergence(
         "total_variation",
@@ -437,6 +572,7 @@ for _d in (
         0.0,
         _total_variation,
         description="total variation: f(t) = ½|t - 1| (subgradient 0 at t = 1)",
+        derivative_forms=_TV_D,
     ),
     FDivergence(
         "log_squared",
@@ -444,6 +580,7 @@ for _d in (
         0.0,
         _log_squared,
         description="the f of k2: f(t) = ½(log t)²; k2 is unbiased for it",
+        derivative_forms=_LOG_SQUARED_D,
     ),
 ):
     _REGISTRY[_d.name] = _d  # the built-ins are checked by the tests, not at every import

@@ -52,6 +52,9 @@ class Estimator:
 
     ``value(xp, L)``: per-sample values (any array namespace; None for whole-batch estimators).
     ``derivative(xp, L)``: dv/dL (None: obtained by automatic differentiation where needed).
+    ``value_minus_derivative(xp, L)``: v - dv/dL in a form without the cancellation of the
+    difference (None: the difference is used), the coefficient of :mod:`klest.rl`'s
+    "score + pathwise" gradients.
     ``target``: the divergence name the estimator is measured against (``"reverse_kl"`` =
     KL(q‖p), ``"forward_kl"`` = KL(p‖q), or any :func:`klest.divergence_names` / ``alpha:<a>``).
     ``unbiased``: whether E_q[v] equals the target exactly (k2 is biased for the reverse KL).
@@ -70,6 +73,7 @@ class Estimator:
     description: str = ""
     kernel: Kernel | None = None
     cross_fit: bool = False
+    value_minus_derivative: PerSample | None = None
 
     @property
     def direction(self) -> Direction:
@@ -129,8 +133,36 @@ def _expm1(xp: Any, L: Array) -> Array:
     return xp.expm1(L)
 
 
+# v - dv/dL, exact forms (k3: expm1(L) - L - expm1(L) = -L; forward_k3: -expm1(L); ...)
+def _k1_gap(xp: Any, L: Array) -> Array:
+    return 1 - L
+
+
+def _k2_gap(xp: Any, L: Array) -> Array:
+    return L * L * 0.5 - L
+
+
+def _minus_L(xp: Any, L: Array) -> Array:
+    return -L
+
+
+def _minus_exp(xp: Any, L: Array) -> Array:
+    return -xp.exp(L)
+
+
+def _minus_expm1(xp: Any, L: Array) -> Array:
+    return -xp.expm1(L)
+
+
 _BUILTINS: tuple[Estimator, ...] = (
-    Estimator("k1", "reverse_kl", _k1, _minus_one, description="-L: KL(q‖p), unbiased"),
+    Estimator(
+        "k1",
+        "reverse_kl",
+        _k1,
+        _minus_one,
+        description="-L: KL(q‖p), unbiased",
+        value_minus_derivative=_k1_gap,
+    ),
     Estimator(
         "k2",
         "reverse_kl",
@@ -138,15 +170,31 @@ _BUILTINS: tuple[Estimator, ...] = (
         _identity,
         unbiased=False,
         description="½L²: KL(q‖p) to second order (unbiased for fdiv:log_squared)",
+        value_minus_derivative=_k2_gap,
     ),
-    Estimator("k3", "reverse_kl", nm.expm1mx, _expm1, description="(r - 1) - L: KL(q‖p)"),
-    Estimator("forward_k1", "forward_kl", nm.xlogx, _d_forward_k1, description="r L: KL(p‖q)"),
+    Estimator(
+        "k3",
+        "reverse_kl",
+        nm.expm1mx,
+        _expm1,
+        description="(r - 1) - L: KL(q‖p)",
+        value_minus_derivative=_minus_L,
+    ),
+    Estimator(
+        "forward_k1",
+        "forward_kl",
+        nm.xlogx,
+        _d_forward_k1,
+        description="r L: KL(p‖q)",
+        value_minus_derivative=_minus_exp,
+    ),
     Estimator(
         "forward_k3",
         "forward_kl",
         nm.lexpl_mexpm1,
         _d_forward_k3,
         description="r L - (r - 1): KL(p‖q)",
+        value_minus_derivative=_minus_expm1,
     ),
     Estimator(
         "k_opt",
@@ -231,12 +279,14 @@ def unregister_estimator(name: str) -> None:
 
 # ------------------------------------------------------------------------------- look-up
 def _fdiv_record(div: FDivergence) -> Estimator:
+    forms = div.derivative_forms is not None
     return Estimator(
         FDIV_PREFIX + div.name,
         div.name,
         div.corrected,
-        None,
+        div.slope if forms else None,  # not None with the forms
         description=div.description or f"f(r) - f'(1)(r - 1) for {div.name}",
+        value_minus_derivative=div.value_minus_slope if forms else None,
     )
 
 

@@ -8,7 +8,6 @@ absolutely below), and with the core's series-backed primitives when it is float
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import array_api_compat
@@ -201,139 +200,51 @@ def k3_blocks(
     return sums, (n, mean, m2, n_inf)
 
 
-# ------------------------------------------------------------------ f-divergence derivatives
-# For v(L) = f(e^L) - f'(1)·expm1(L):  v'(L) = r·(f'(r) - f'(1))  and
-# v(L) - v'(L) = f(r) - r·f'(r) + f'(1)  (r = e^L). Autograd of the value form gives NaN where
-# e^L overflows (inf - inf, 0·inf) and v - v' cancels two terms of size ~r, so the built-in
-# divergences get closed forms (each checked against mpmath in tests/rl/test_higher_order.py);
-# a user's FDivergence falls back to autograd of its value.
-_Pair = tuple[Any, Any, tuple[float, float]]  # (v', v - v', their limits at L = -inf)
+# ------------------------------------------------------------------------------ derivatives
+# v'(L) and v(L) - v'(L) come from the estimator's record: the table's ``derivative`` and
+# ``value_minus_derivative`` for the built-ins and registered estimators, the divergence's
+# ``derivative_forms`` for f-divergences (closed forms: autograd of a value gives NaN where e^L
+# overflows, and v - v' as a difference cancels two terms of size ~r). Without them: autograd.
+# "abs" (verl's, not an estimator of a divergence) is the one form kept here.
 
 
-def _alpha_pair(a: float) -> _Pair:
-    sign = 1.0 if a > 1 else -1.0
-
-    def slope_(L: torch.Tensor) -> torch.Tensor:
-        # e^L·expm1((a-1)L)/(a-1) (no cancellation near 0; inf·finite, not inf - inf, for L > 0)
-        # and (e^{aL} - e^L)/(a-1) below L = -1 (no 0·inf when e^{(a-1)L} overflows)
-        lo = L < -1
-        Lh = torch.where(lo, torch.zeros_like(L), L)
-        Ll = torch.where(lo, L, torch.full_like(L, -2.0))
-        # 1/(a-1) folded into the exponent: finite results near the overflow bound stay finite
-        hi_form = torch.exp(Lh - math.log(abs(a - 1))) * torch.expm1((a - 1) * Lh) * sign
-        c = math.log(abs(a - 1))
-        lo_form = (torch.exp(a * Ll - c) - torch.exp(Ll - c)) * sign
-        return torch.where(lo, lo_form, hi_form)
-
-    # r -> 0: v' -> 0 (a > 0) or -inf (a < 0); v - v' -> 1/a (a > 0) or +inf (a < 0)
-    limits = (0.0, 1.0 / a) if a > 0 else (-math.inf, math.inf)
-    return slope_, lambda L: -torch.expm1(a * L) / a, limits
-
-
-def _log_mean_with_one(x: torch.Tensor) -> torch.Tensor:
-    """log((1 + e^x)/2), accurate near 0 and without overflow."""
-    near = x.abs() < 1
-    xn = torch.where(near, x, torch.zeros_like(x))
-    xf = torch.where(near, torch.ones_like(x), x)
-    return torch.where(
-        near, torch.log1p(torch.expm1(xn) / 2), nm.softplus(_xp(xf), xf) - math.log(2)
-    )
-
-
-_F_DERIVATIVES: dict[str, _Pair] = {
-    "reverse_kl": (torch.expm1, lambda L: -L, (-1.0, math.inf)),
-    "forward_kl": (lambda L: L * torch.exp(L), lambda L: -torch.expm1(L), (0.0, 1.0)),
-    "chi2": (
-        lambda L: torch.exp(L + math.log(2)) * torch.expm1(L),
-        lambda L: -torch.expm1(2 * L),
-        (0.0, 1.0),
-    ),
-    "squared_hellinger": (
-        lambda L: torch.exp(L / 2) * torch.expm1(L / 2),
-        lambda L: -torch.expm1(L / 2),
-        (0.0, 1.0),
-    ),
-    "jensen_shannon": (
-        lambda L: -torch.exp(L - math.log(2)) * _log_mean_with_one(-L),
-        lambda L: -0.5 * _log_mean_with_one(L),
-        (0.0, 0.5 * math.log(2)),
-    ),
-    "total_variation": (
-        lambda L: torch.exp(L - math.log(2)) * torch.sign(L),
-        lambda L: -0.5 * torch.sign(L),
-        (0.0, 0.5),
-    ),
-    "log_squared": (lambda L: L, lambda L: L * L * 0.5 - L, (-math.inf, math.inf)),
-}
-
-
-def _f_derivatives(est: FDivergence) -> _Pair | None:
-    """(v', v - v') in closed form for klest's own divergences (None for a user's)."""
-    params = dict(est.params)
-    if est.name.startswith("alpha:") and "alpha" in params:
-        a = params["alpha"]
-        return (
-            _F_DERIVATIVES["forward_kl" if a == 1 else "reverse_kl"]
-            if a in (0, 1)
-            else _alpha_pair(a)
-        )
-    if est.name in _F_DERIVATIVES and est is _BUILTIN_DIVERGENCES.get(est.name):
-        return _F_DERIVATIVES[est.name]
+def _record(est: Estimator) -> TableEstimator | None:
+    if isinstance(est, TableEstimator):
+        return est
+    if isinstance(est, str) and est != "abs":
+        return get_estimator(est)
     return None
-
-
-def _at_finite(fn: Any, L: torch.Tensor, at_minus_inf: float) -> torch.Tensor:
-    """fn(L) where L > -inf, ``at_minus_inf`` (the limit) where L = -inf; no NaN either way."""
-    fin, Lf = _finite(L)
-    return torch.where(fin, fn(Lf), torch.full_like(L, at_minus_inf))
 
 
 def v_minus_slope(est: Estimator, L: torch.Tensor) -> torch.Tensor:
     """v(L) - v'(L): the per-token coefficient of "score + pathwise" (a differentiable weight).
 
-    Closed forms for the builtins avoid the cancellation of two terms of size e^L: k3 gives
+    Closed forms from the record avoid the cancellation of two terms of size e^L: k3 gives
     exactly -L (= ℓ), forward_k3 -expm1(L), forward_k1 -e^L.
     """
-    if est == "k1":
-        return 1 - L
-    if est == "k2":
-        return L * L * 0.5 - L
-    if est == "k3":
-        return -L
     if est == "abs":
         return L.abs() - torch.sign(L)
-    if est == "forward_k1":
-        return -torch.exp(L)
-    if est == "forward_k3":
-        return -torch.expm1(L)
-    if isinstance(est, TableEstimator):
-        return value(est, L) - slope(est, L)
-    assert isinstance(est, FDivergence)
-    pair = _f_derivatives(est)
-    if pair is not None:
-        return _at_finite(pair[1], L, pair[2][1])
+    if isinstance(est, FDivergence):
+        gap = est.value_minus_slope(_xp(L), L)
+        if gap is not None:
+            return gap
+    rec = _record(est)
+    if rec is not None and rec.value_minus_derivative is not None:
+        return rec.value_minus_derivative(_xp(L), L)
     return value(est, L) - slope(est, L)
 
 
 def slope(est: Estimator, L: torch.Tensor) -> torch.Tensor:
     """dv/dL, finite wherever L > -inf; at L = -inf its limit (or ∓inf for k2)."""
-    if est == "k1":
-        return torch.full_like(L, -1.0)
-    if est == "k2":
-        return L
     if est == "abs":
         return torch.sign(L)
-    if est == "k3":
-        return torch.expm1(L)
-    if est in ("forward_k1", "forward_k3"):
-        fin, Lf = _finite(L)
-        t = Lf * torch.exp(Lf) if est == "forward_k3" else (1 + Lf) * torch.exp(Lf)
-        return torch.where(fin, t, torch.zeros_like(L))
-    if isinstance(est, TableEstimator) and est.derivative is not None:
-        return est.derivative(_xp(L), L)
-    pair = _f_derivatives(est) if isinstance(est, FDivergence) else None
-    if pair is not None:
-        return _at_finite(pair[0], L, pair[2][0])
+    if isinstance(est, FDivergence):
+        d = est.slope(_xp(L), L)
+        if d is not None:
+            return d
+    rec = _record(est)
+    if rec is not None and rec.derivative is not None:
+        return rec.derivative(_xp(L), L)
     with torch.enable_grad():
         fin, Lf = _finite(L)
         Lr = Lf.detach().requires_grad_(True)
