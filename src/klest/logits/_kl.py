@@ -211,7 +211,86 @@ def chunk_pass(
     ga: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward's pass over the chunks: per row (m_x, m_y, lse_x, lse_y, KL, careful) of this
-    shard, and, when ``ga`` is given, ∂KL/∂a written into it (a = x, or y when ``swap``)."""
+    shard, and, when ``ga`` is given, ∂KL/∂a written into it (a = x, or y when ``swap``).
+
+    float32 CPU rows go through the compiled pass of :mod:`klest.logits._fused` when
+    ``klest[fast]`` is used (the same quantities, three passes per row in one loop); rows it
+    leaves (a non-finite logit) and every other case take the torch ops below."""
+    fused = _fused_pass(a, plan, segs, swap, inv_t, cdt, ga)
+    if fused is not None:
+        return fused
+    return _torch_pass(a, plan, segs, swap, inv_t, cdt, ga)
+
+
+def _fused_pass(
+    a: torch.Tensor,
+    plan: Plan,
+    segs: tuple[list[tuple[int, torch.Tensor]], list[tuple[int, torch.Tensor]]],
+    swap: bool,
+    inv_t: float,
+    cdt: torch.dtype,
+    ga: torch.Tensor | None,
+) -> (
+    tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None
+):
+    """:func:`chunk_pass` by the compiled kernel, or None where it does not apply (not CPU
+    float32, rows not in one view with unit stride along the vocabulary, no numba)."""
+    if cdt != torch.float32 or a.device.type != "cpu" or not plan.chunks:
+        return None
+    views = []
+    for side in segs:
+        if len(side) != 1 or side[0][0] != 0:
+            return None
+        v = side[0][1]
+        if v.dtype != torch.float32 or v.ndim != 2 or v.stride(-1) != 1 or v.shape[0] < 1:
+            return None
+        views.append(v)
+    from .._config import claim_fast
+    from . import _fused
+
+    if _fused._nb is None or not claim_fast(sum(c[1] - c[0] for c in plan.chunks) * a.shape[-1]):
+        return None
+    import numpy as np
+
+    from .._stream import ordered_map
+
+    xv, yv = (views[1], views[0]) if swap else (views[0], views[1])
+    X, Y = xv.detach().numpy(), yv.detach().numpy()
+    G = None if ga is None else ga.view(-1, ga.shape[-1]).numpy()
+    N = plan.n_rows
+    stats = np.zeros((N, 6))
+    rows = np.concatenate([np.arange(lo, hi) for lo, hi in plan.chunks])
+    blocks = [rows[i : i + 8] for i in range(0, rows.size, 8)]
+    ordered_map(
+        lambda r: _fused.kl_rows(X, Y, r, inv_t, G, swap, stats),
+        blocks,
+        torch.get_num_threads(),
+    )
+    f64 = torch.float64
+    st = torch.from_numpy(stats)
+    mx, my = st[:, 0].to(cdt), st[:, 1].to(cdt)
+    lx, ly, kl = st[:, 2].clone(), st[:, 3].clone(), st[:, 4].to(f64)
+    careful = torch.zeros(N, dtype=torch.bool)
+    bad = np.flatnonzero(stats[:, 5])
+    if bad.size:  # NaN, ±inf logits: the torch ops' rules (and errors) for those rows
+        sub = Plan(N, [(int(r), int(r) + 1) for r in bad], plan.all_valid)
+        smx, smy, slx, sly, skl, scare = _torch_pass(a, sub, segs, swap, inv_t, cdt, ga)
+        idx = torch.from_numpy(bad)
+        mx[idx], my[idx], lx[idx], ly[idx] = smx[idx], smy[idx], slx[idx], sly[idx]
+        kl[idx], careful[idx] = skl[idx].to(f64), scare[idx]
+    return mx, my, lx, ly, kl, careful
+
+
+def _torch_pass(
+    a: torch.Tensor,
+    plan: Plan,
+    segs: tuple[list[tuple[int, torch.Tensor]], list[tuple[int, torch.Tensor]]],
+    swap: bool,
+    inv_t: float,
+    cdt: torch.dtype,
+    ga: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`chunk_pass` by torch ops, chunk by chunk."""
     dev = a.device
     N = plan.n_rows
     bq, br, *bp = buffers(plan, a.shape[-1], cdt, dev, 2 if ga is not None and not swap else 3)
@@ -302,8 +381,24 @@ def scaled(block: torch.Tensor, cdt: torch.dtype, inv_t: float) -> torch.Tensor:
     return torch.mul(block, inv_t) if block.dtype == cdt else block.to(cdt).mul_(inv_t)
 
 
+_NUMPY_DTYPES = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16"}
+_HUGE_BYTES = 1 << 23  # gradients from 8 MiB up are allocated by NumPy on CPU (see below)
+
+
 def grad_buffer(x: torch.Tensor, plan: Plan) -> torch.Tensor:
-    """The gradient w.r.t. ``x``: contiguous, x's dtype, zero on rows that are not computed."""
+    """The gradient w.r.t. ``x``: contiguous, x's dtype, zero on rows that are not computed.
+
+    A large CPU gradient is allocated by NumPy and shared with torch (``torch.from_numpy``):
+    NumPy asks Linux for transparent huge pages on large allocations (its default), so the first
+    write into the fresh [N, V] buffer takes one page fault per 2 MiB instead of per 4 KiB. That
+    first touch was 0.09 s of full_kl's 0.21 s at 512 × 151,936 float32 (torch's allocator asks
+    for huge pages only under ``THP_MEM_ALLOC_ENABLE=1``)."""
+    nbytes = x.numel() * x.element_size()
+    if x.device.type == "cpu" and x.dtype in _NUMPY_DTYPES and nbytes >= _HUGE_BYTES:
+        import numpy as np
+
+        alloc = np.empty if plan.all_valid else np.zeros
+        return torch.from_numpy(alloc(tuple(x.shape), dtype=_NUMPY_DTYPES[x.dtype]))
     if plan.all_valid:
         return torch.empty(x.shape, dtype=x.dtype, device=x.device)
     return torch.zeros(x.shape, dtype=x.dtype, device=x.device)
