@@ -119,6 +119,20 @@ def run_group(
     print(f"(extra memory in units of one [N, V] float32 tensor = {unit_bytes / 2**20:.0f} MiB)")
 
 
+def _fast_available() -> bool:
+    from klest.logits import _fused
+
+    return _fused._nb is not None
+
+
+def _torch_ops_kl(x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """klest's full_kl without its compiled pass (the torch-op chunk loop)."""
+    import klest
+
+    with klest.options(fast=False):
+        return full_kl(x, b)
+
+
 def main() -> None:
     if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
         # glibc: serve every allocation above 1 MiB by mmap, returned to the OS on free, so that
@@ -182,6 +196,8 @@ def main() -> None:
         "naive eager (log_softmax ×2, sum)": fb(lambda x: naive_kl(x, b), a),
         "klest full_kl": fb(lambda x: full_kl(x, b, chunk_size=cs), a),
     }
+    if _fast_available():
+        kl_variants["klest full_kl, torch ops (fast=False)"] = fb(lambda x: _torch_ops_kl(x, b), a)
     lp_variants = {
         "naive eager log_softmax + gather": fb(lambda x: naive_logprobs(x, t), a),
         "klest token_logprobs": fb(lambda x: token_logprobs(x, t, chunk_size=cs), a),
