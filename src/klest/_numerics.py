@@ -220,7 +220,10 @@ def numpy_values(
         w = np.abs(x)
         near = w < radius
         n_near = int(np.count_nonzero(near))
-        coeffs = _enough_terms(kind, float(np.max(w, where=near, initial=0.0)) if n_near else 0.0)
+        if radius < SERIES_RADIUS:  # few terms at any |L| below a small radius: no masked max
+            coeffs = _enough_terms(kind, radius)
+        else:
+            coeffs = _enough_terms(kind, float(np.max(w, where=near, initial=0.0)) if n_near else 0)
         if 2 * n_near > x.size:  # mostly near 0: the series in place, the closed form on the rest
             _horner(x, coeffs, out)
             far = np.flatnonzero(~near)

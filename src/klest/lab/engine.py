@@ -125,12 +125,22 @@ def log_ratio_sampler(q: D.Distribution, ps: Sequence[D.Distribution]) -> LogRat
     """
     if type(q) is D.Normal and all(type(p) is D.Normal for p in ps):
         coefs = [_normal_coefficients(q, p) for p in ps]  # type: ignore[arg-type]
+        bufs: list[np.ndarray] = []  # z and one L per target, reused from chunk to chunk
 
         def normal_pair(rng: np.random.Generator, k: int) -> list[np.ndarray]:
-            z = rng.standard_normal(k)
+            if not bufs or bufs[0].size < k:
+                bufs[:] = [np.empty(k) for _ in range(len(coefs) + 1)]
+            z = bufs[0][:k]
+            rng.standard_normal(out=z)  # the same stream as standard_normal(k)
             out = []
-            for A, B, C in coefs:
-                L = z * B if A == 0.0 else (z * A + B) * z
+            for (A, B, C), buf in zip(coefs, bufs[1:], strict=True):
+                L = buf[:k]
+                if A == 0.0:
+                    np.multiply(z, B, out=L)
+                else:
+                    np.multiply(z, A, out=L)
+                    L += B
+                    L *= z
                 L += C
                 out.append(L)
             return out
@@ -195,7 +205,9 @@ def run_block(plan: _Plan, index: int) -> BlockResult:
     def lab_values(rec: Estimator, kind: str | None, L: np.ndarray) -> np.ndarray:
         """The record's values on L (float64), to LAB_RTOL relative for the series kinds."""
         if kind is None or L.dtype != np.float64 or L.ndim != 1:
-            return np.array(rec.values(_NPX, L), dtype=np.float64).reshape(-1)
+            v = np.asarray(rec.values(_NPX, L), dtype=np.float64).reshape(-1)
+            # chunk_moments overwrites its input: copy only values that share L's memory
+            return v.copy() if np.may_share_memory(v, L) else v
         return numpy_values(kind, L, vbuf[: L.size], radius=LAB_SERIES_RADIUS)
 
     k3_record = get_estimator("k3")
