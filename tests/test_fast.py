@@ -561,3 +561,52 @@ def test_axis0_column_kernel_non_finite_columns_follow_the_rule():
     assert np.isfinite(fk3.mean[650]) and np.isnan(fk3.mean[300])
     with klest.options(fast=True), pytest.raises(klest.KlestError, match="NaN"):
         klest.estimate(log_ratio=L, estimator="k3", axis=0)
+    # review: a column whose first band overflows float64 moments: std +inf as in 1-D, not NaN
+    X = np.zeros((10, 4))
+    X[3, 0] = 400.0  # k3 = e^400: the tile's mean is finite, its square is not
+    for fast in (True, False):
+        with klest.options(fast=fast):
+            r = klest.estimate(log_ratio=X, estimator="k3", axis=0)
+        assert r.std[0] == np.inf and np.isfinite(r.mean[0]), fast
+
+
+@needs_numba
+def test_a_record_held_from_before_the_kernels_were_loaded_gets_them():
+    """Review: under "auto" a record fetched before numba was loaded (no kernel on it) gets the
+    compiled kernel every time once they are loaded, not only the first time."""
+    import dataclasses
+
+    from klest import _stream, table
+
+    with klest.options(fast=True):
+        loaded = klest.get_estimator("k3")  # fills the registry's record with its kernel
+        bare = dataclasses.replace(loaded, kernel=None)
+        for _ in range(3):
+            kernel = table.fast_kernel(bare)
+            assert kernel is loaded.kernel and kernel not in _stream.NUMPY_KERNELS
+
+
+def test_numba_is_not_loaded_when_the_kernels_are_off():
+    """Review: full_kl on float32 CPU logits and k_opt under fast=False (and small jobs under
+    "auto") never import numba."""
+    code = """
+        import json, sys
+        import numpy as np
+        import klest
+        L = np.random.default_rng(0).standard_normal(5000)
+        seen = []
+        with klest.options(fast=False):
+            klest.estimate(log_ratio=L, estimator="k_opt")
+            klest.estimate(log_ratio=L.astype(np.float32))
+            try:
+                import torch
+                from klest.logits import full_kl
+                full_kl(torch.randn(2, 50), torch.randn(2, 50))
+            except ImportError:
+                pass
+        seen.append("numba" in sys.modules)
+        klest.estimate(log_ratio=L, estimator="k_opt")  # "auto", small
+        seen.append("numba" in sys.modules)
+        print(json.dumps(seen))
+        """
+    assert _run(code, {"KLEST_FAST": ""}) == [False, False]

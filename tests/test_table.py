@@ -229,6 +229,22 @@ def test_fdiv_records_carry_the_divergences_derivative_forms():
     )
     with pytest.raises(klest.KlestError, match="derivative_forms"):
         klest.register_divergence(wrong)
+    # review: an unregistered copy of a built-in with another f keeps the built-in's forms;
+    # klest.rl checks them against the value before using them
+    torch = pytest.importorskip("torch")
+    import dataclasses
+
+    from klest import rl
+
+    hell = klest.get_divergence("squared_hellinger")
+    stale = dataclasses.replace(chi2, f=hell.f, log_form=hell.log_form)
+    logp = torch.tensor(RNG.normal(-1.0, 0.3, size=(2, 6)), requires_grad=True)
+    ref = torch.tensor(RNG.normal(-1.0, 0.3, size=(2, 6)))
+    with pytest.raises(klest.KlestError, match="derivative_forms"):
+        rl.kl_per_token(logp, ref, estimator=stale, gradient="as_written")
+    fresh = dataclasses.replace(hell, name="hellinger_copy")  # consistent forms: accepted
+    v = rl.kl_per_token(logp, ref, estimator=fresh, gradient="as_written")
+    assert torch.isfinite(v).all()
 
 
 def test_registration_errors():

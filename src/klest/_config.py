@@ -28,8 +28,8 @@ class Options:
     fresh process, which a small job never wins back, so under "auto" the kernels are loaded once
     the values computed without them in this process reach :data:`AUTO_FAST_WORK` (a "ski
     rental" rule: never more than about twice the time of the better choice), or at once if numba
-    is already loaded. The environment variable ``KLEST_FAST`` overrides the option: ``0`` never,
-    ``1`` always."""
+    is already loaded. The environment variable ``KLEST_FAST=0`` turns them off whatever the
+    option; ``KLEST_FAST=1`` turns "auto" into always."""
 
     validate: bool = True
     threads: int = max(1, min(2, os.cpu_count() or 1))
@@ -41,7 +41,7 @@ class Options:
             if f.name == "threads":
                 if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                     raise KlestError(f"must be an integer >= 1, got {value!r}", argument=f.name)
-            elif f.name == "fast" and value == "auto" and isinstance(value, str):
+            elif f.name == "fast" and isinstance(value, str) and value == "auto":
                 continue
             elif not isinstance(value, bool):  # a string "false" or numpy.bool_: refused
                 extra = ' or "auto"' if f.name == "fast" else ""
@@ -70,13 +70,15 @@ _auto_lock = threading.Lock()
 
 
 def _forced() -> bool | None:
+    """False: off (``KLEST_FAST=0`` or ``fast=False``); True: on (``fast=True``, or
+    ``KLEST_FAST=1`` under "auto"); None: "auto" decides."""
     env = os.environ.get("KLEST_FAST", "").strip().lower()
     if env in ("0", "false", "no", "off"):
         return False
-    if env in ("1", "true", "yes", "on"):
-        return True
     mode = _get().fast
-    return None if mode == "auto" else bool(mode)
+    if isinstance(mode, bool):
+        return mode
+    return True if env in ("1", "true", "yes", "on") else None
 
 
 def fast_wanted() -> bool:

@@ -706,6 +706,11 @@ if _nb is not None:
                         tm2[j] += d * d
                 cm = mean[c0 : c0 + w]
                 cq = m2[c0 : c0 + w]
+                if n == 0.0:  # the first band: no cross term (δ² may overflow, and inf·0 is NaN)
+                    for j in range(w):
+                        cm[j] = tmean[j]
+                        cq[j] = tm2[j]
+                    continue
                 for j in range(w):
                     delta = tmean[j] - cm[j]
                     cm[j] += delta * (k / tot)

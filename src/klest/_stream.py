@@ -678,7 +678,9 @@ _BUILTIN_KERNELED = ("k1", "k2", "k3", "forward_k1", "forward_k3")
 
 def _kopt_kernel(job: ArrayJob, cross: bool) -> Callable[[np.ndarray], np.ndarray] | None:
     """The compiled co-moment kernel (:func:`klest._fast.kopt_comoments`) if it can be used."""
-    if cross:
+    from ._config import fast_wanted
+
+    if cross or not fast_wanted():  # asked before importing numba
         return None
     from . import _fast
 

@@ -385,7 +385,12 @@ def _with_kernel(rec: Estimator) -> Estimator:
     """Fill a built-in record's kernel from :mod:`klest._fast` the first time it can be used."""
     from ._config import fast_wanted
 
-    if rec.kernel is not None or rec.name in _KERNEL_TRIED or rec.batch or not fast_wanted():
+    if rec.kernel is not None or rec.batch or rec.name not in BUILTIN_NAMES:
+        return rec  # only the built-ins have compiled kernels: numba is not loaded for others
+    if rec.name in _KERNEL_TRIED:  # a record held from before the kernels were loaded
+        known = _REGISTRY.get(rec.name)
+        return known if known is not None and known.value is rec.value else rec
+    if not fast_wanted():
         return rec
     try:
         from . import _fast

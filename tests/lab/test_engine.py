@@ -187,3 +187,18 @@ def test_k_opt_is_infinite_where_log_p_is_minus_infinity() -> None:
     res = run("normal(0, 1)", "exponential(1)", ["k_opt", "k3"], n=20_000, seed=1)
     assert res["k_opt"].mean == res["k3"].mean == math.inf
     assert res["k_opt"].n == 20_000
+
+
+def test_blocks_smaller_than_the_default_chunk():
+    """Review: run(block=2^15) worked with the former 2^14-sample chunk; the chunk now defaults
+    to min(CHUNK, block), and an explicit chunk that does not divide the block is refused."""
+    from klest.lab.engine import CHUNK
+
+    small = CHUNK // 2
+    res = run("normal(0, 1)", "normal(1, 1)", ["k3"], n=3 * small + 5, seed=2, block=small)
+    ref = run(
+        "normal(0, 1)", "normal(1, 1)", ["k3"], n=3 * small + 5, seed=2, block=small, chunk=small
+    )
+    assert res["k3"].mean == ref["k3"].mean and res["k3"].n == 3 * small + 5
+    with pytest.raises(klest.KlestError, match="multiple of chunk"):
+        run("normal(0, 1)", "normal(1, 1)", ["k3"], n=100, block=small, chunk=small * 2)

@@ -98,3 +98,25 @@ def test_fused_pass_leaves_non_finite_rows_to_torch():
     torch.testing.assert_close(
         got, naive(big[:, :-1], ref[:, :-1], 1.0).float(), rtol=2e-6, atol=1e-7
     )
+
+
+@pytest.mark.parametrize("T", [1.0, 0.5])
+def test_entries_masked_with_the_most_negative_float(T):
+    """Review: logits masked with finfo(float32).min contribute exactly nothing (e^t is 0 below
+    −87, not e^−87 times a huge t − u); at T < 1 the scaled logits overflow to −inf and the row
+    goes to the torch ops. Values equal float64's, gradients at the masked entries are 0."""
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(3, 4000, generator=g)
+    b = torch.randn(3, 4000, generator=g)
+    a[:, ::2] = torch.finfo(torch.float32).min
+    la = torch.log_softmax(a.double() / T, -1)
+    lb = torch.log_softmax(b.double() / T, -1)
+    p = la.exp()
+    want = torch.where(p > 0, p * (la - lb), torch.zeros_like(p)).sum(-1)
+    for fast in (True, False):
+        x = a.clone().requires_grad_()
+        with klest.options(fast=fast):
+            v = full_kl(x, b, temperature=T)
+        v.sum().backward()
+        torch.testing.assert_close(v.double(), want, rtol=2e-6, atol=1e-6)
+        assert torch.isfinite(x.grad).all() and (x.grad[:, ::2] == 0).all()

@@ -275,7 +275,7 @@ def run(
     seed: int = 0,
     *,
     workers: int | None = None,
-    chunk: int = CHUNK,
+    chunk: int | None = None,
     block: int = BLOCK,
     progress: Callable[[int, int], None] | None = None,
     executor: Executor | None = None,
@@ -318,7 +318,7 @@ def run_many(
     seed: int = 0,
     *,
     workers: int | None = None,
-    chunk: int = CHUNK,
+    chunk: int | None = None,
     block: int = BLOCK,
     progress: Callable[[int, int], None] | None = None,
     executor: Executor | None = None,
@@ -339,6 +339,8 @@ def run_many(
     for p in targets:
         if q.dim != p.dim:
             raise KlestError(f"q has dimension {q.dim} but p has dimension {p.dim}", argument="p")
+    if chunk is None:  # CHUNK, or the whole block when blocks are smaller
+        chunk = min(CHUNK, block) if isinstance(block, int) and block > 0 else CHUNK
     if chunk <= 0 or block <= 0 or block % chunk:
         raise KlestError("block must be a positive multiple of chunk", argument="block")
     workers = default_workers() if workers is None else int(workers)

@@ -4,8 +4,9 @@ r"""Compiled form of the full-vocabulary KL's chunk pass (``klest[fast]``, CPU, 
 KL(softmax x ‖ softmax y) with a dozen torch ops, each a pass over a chunk of rows. Here the same
 quantities come from three passes over each row (which stays in L2) in one compiled loop:
 
-1. the maxima m_x, m_y (and a finite check: a row holding NaN, ±inf is left to the torch path,
-   whose rules for −inf logits and errors for NaN/+inf apply unchanged);
+1. the maxima m_x, m_y (and a finite check: a row holding NaN or ±inf, or whose scaled logits
+   x/T − m_x overflow, is left to the torch path, whose rules for −inf logits and errors for
+   NaN/+inf apply unchanged);
 2. e_v = e^{t_v}, t = x − m_x, and u = y − m_y: S_x = Σ e_v, S_y = Σ e^{u_v} and
    A = Σ e_v (t_v − u_v), summed in float64; then KL = A/S_x − log S_x + log S_y (the formula of
    :mod:`klest.logits._kl`, with lse_x = m_x + log S_x);
@@ -14,9 +15,9 @@ quantities come from three passes over each row (which stays in L2) in one compi
 
 exp is evaluated in float32 by range reduction (t = k ln 2 + r, |r| ≤ ln 2 / 2, e^r by a degree-7
 polynomial, 2^k written into the exponent bits): within one float32 ulp for t ≥ −87 (0.64 ulp
-measured; the loops vectorise, numba's own exp is a scalar call). Arguments below −87 are taken
-at −87: such terms are below 2^−125 of the row's largest, far under float32 resolution of every
-sum and gradient.
+measured; the loops vectorise, numba's own exp is a scalar call); below −87 it is 0 (e^t <
+2^−125 there), so entries masked with a large finite negative logit such as finfo.min contribute
+exactly nothing, as they do in float64.
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ if _nb is not None:
     _LOG2E = np.float32(1.4426950408889634)
     _LN2_HI = np.float32(0.693359375)  # ln 2 = _LN2_HI + _LN2_LO, the first exact in float32
     _LN2_LO = np.float32(-2.12194440e-4)
-    _LOW = np.float32(-87.0)
+    _LOW = np.float32(-87.0)  # e^t is taken as 0 below (the smallest normal float32 is e^-87.3)
     _ROUND = np.float32(1.5 * 2.0**23)  # adding it rounds a float32 below 2^22 to an integer
     _P = tuple(np.float32(1.0 / math.factorial(k)) for k in range(8))  # e^r, |r| <= 0.347
 
@@ -105,7 +106,7 @@ if _nb is not None:
             q = q * r + p[2]
             q = q * r + p[1]
             q = q * r + p[0]
-            out[i] = q
+            out[i] = q if t[i] >= _LOW else np.float32(0.0)  # e^t < 2^-125: 0
             bits[i] = (np.int32(k) + 127) << 23
         scale = bits.view(np.float32)
         for i in range(t.size):
@@ -121,16 +122,22 @@ if _nb is not None:
         return s
 
     @_nb.njit(cache=True, nogil=True)
-    def _max(a: np.ndarray) -> float:
-        """max of a finite float32 a (checked by :func:`_check` first), through integer keys
-        that order like the values (an integer max vectorises; a float one needs fast-math)."""
+    def _extremes(a: np.ndarray) -> tuple[float, float]:
+        """(min, max) of a finite float32 a (checked by :func:`_check` first), through integer
+        keys that order like the values (an integer min/max vectorises; a float one needs
+        fast-math)."""
         bits = a.view(np.int32)
-        m = bits[0] ^ ((bits[0] >> 31) & 0x7FFF_FFFF)
+        lo = bits[0] ^ ((bits[0] >> 31) & 0x7FFF_FFFF)
+        hi = lo
         for i in range(bits.size):
-            m = max(m, bits[i] ^ ((bits[i] >> 31) & 0x7FFF_FFFF))
-        key = np.empty(1, dtype=np.int32)
-        key[0] = m ^ ((m >> 31) & 0x7FFF_FFFF)
-        return key.view(np.float32)[0]
+            key = bits[i] ^ ((bits[i] >> 31) & 0x7FFF_FFFF)
+            lo = min(lo, key)
+            hi = max(hi, key)
+        keys = np.empty(2, dtype=np.int32)
+        keys[0] = lo ^ ((lo >> 31) & 0x7FFF_FFFF)
+        keys[1] = hi ^ ((hi >> 31) & 0x7FFF_FFFF)
+        vals = keys.view(np.float32)
+        return vals[0], vals[1]
 
     @_nb.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
     def _sums(
@@ -143,7 +150,7 @@ if _nb is not None:
         for i in range(ex.size):
             sx += ex[i]
             sy += ey[i]
-            sa += ex[i] * (tx[i] - ty[i])
+            sa += np.float64(ex[i]) * (np.float64(tx[i]) - np.float64(ty[i]))  # no overflow
         return sx, sy, sa
 
     @_nb.njit(cache=True, nogil=True, fastmath={"contract"})
@@ -173,8 +180,15 @@ if _nb is not None:
             if not (math.isfinite(_check(x)) and math.isfinite(_check(y))):
                 stats[row, 5] = 1.0
                 continue
-            mx = _max(x) * s
-            my = _max(y) * s
+            xlo, xhi = _extremes(x)
+            ylo, yhi = _extremes(y)
+            mx = xhi * s
+            my = yhi * s
+            # the scaled, shifted logits must be finite too (x·s overflows for s > 1 at logits
+            # near the float32 limit, e.g. a mask written as finfo.min): else the torch ops
+            if not (math.isfinite(xlo * s - mx) and math.isfinite(ylo * s - my)):
+                stats[row, 5] = 1.0
+                continue
             g = G[row * gs : row * gs + V] if want_grad else G[0:0]
             Sx = 0.0
             Sy = 0.0

@@ -245,14 +245,17 @@ def _fused_pass(
         if v.dtype != torch.float32 or v.ndim != 2 or v.stride(-1) != 1 or v.shape[0] < 1:
             return None
         views.append(v)
-    from .._config import claim_fast
-    from . import _fused
+    import importlib.util
 
-    if _fused._nb is None or not claim_fast(sum(c[1] - c[0] for c in plan.chunks) * a.shape[-1]):
-        return None
+    from .._config import claim_fast
+
+    work = sum(c[1] - c[0] for c in plan.chunks) * a.shape[-1]
+    if not claim_fast(work) or importlib.util.find_spec("numba") is None:
+        return None  # asked before importing anything: numba is not loaded when not wanted
     import numpy as np
 
     from .._stream import ordered_map
+    from . import _fused
 
     xv, yv = (views[1], views[0]) if swap else (views[0], views[1])
     X, Y = xv.detach().numpy(), yv.detach().numpy()

@@ -50,6 +50,8 @@ def resolve(estimator: Any) -> Estimator:
     """A builtin name, the :class:`klest.FDivergence` an ``fdiv:`` name refers to, or a record of
     the estimator table (``klest.register_estimator``): names are looked up in that one table."""
     if isinstance(estimator, FDivergence):
+        if estimator.derivative_forms is not None and not _registered(estimator):
+            _checked_forms(estimator)  # e.g. a dataclasses.replace of a built-in: stale forms?
         return estimator
     if isinstance(estimator, str) and estimator in BUILTIN:
         return estimator
@@ -73,6 +75,27 @@ def resolve(estimator: Any) -> Estimator:
             return shipped[div.name]
         return div
     return rec
+
+
+def _registered(div: FDivergence) -> bool:
+    try:
+        return get_divergence(div.name) is div
+    except KlestError:
+        return False
+
+
+_CHECKED: dict[int, FDivergence] = {}
+
+
+def _checked_forms(div: FDivergence) -> None:
+    """Check an unregistered divergence's ``derivative_forms`` against its value once (as
+    :func:`klest.register_divergence` does); KlestError if they disagree."""
+    if _CHECKED.get(id(div)) is div:
+        return
+    from ..divergences import _check_derivative_forms
+
+    _check_derivative_forms(div)
+    _CHECKED[id(div)] = div
 
 
 def _xp(L: torch.Tensor) -> Any:
