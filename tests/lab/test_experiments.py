@@ -381,3 +381,27 @@ def test_unwritable_sweep_file_fails_before_any_work(tmp_path: Path) -> None:
     with pytest.raises(KlestError, match="cannot write"):
         sweep(*BASE, [0.5], ["k1"], n=500, out=target, progress=lambda a, b: calls.append(a))
     assert calls == []
+
+
+def test_normal_shift_expected_for_near_equal_pairs_against_mpmath():
+    """Review of the edges: the closed-form stdev/true of k3, forward_k3 and k_opt for N(0,1) vs
+    N(μ,1) are written without cancellation; μ = 1e-6 gave 1.41425, 21073 and 1.41425, and
+    μ = 1e-9 gave 0 (all tend to √2). Against 100-digit mpmath (e^{μ²} - 1 - μ² ~ 5e-37)."""
+    import mpmath
+
+    with mpmath.workdps(100):
+        for mu in (1e-9, 1e-6, 1e-3, 0.1, 1.0, 3.0):
+            m2 = mpmath.mpf(mu) ** 2
+            e = mpmath.exp(m2)
+            true = m2 / 2
+            want = {
+                "k3": mpmath.sqrt(e - 1 - m2) / true,
+                "forward_k3": mpmath.sqrt(e * (1 - 2 * m2 + 9 * m2**2 / 4) - (1 - m2 + m2**2 / 4))
+                / true,
+                "k_opt": mpmath.sqrt(m2 - m2**2 / (e - 1)) / true,
+            }
+            for est, sd in want.items():
+                assert normal_shift_expected(mu, est)[1] == pytest.approx(float(sd), rel=1e-12), (
+                    mu,
+                    est,
+                )

@@ -27,7 +27,7 @@ from klest import KlestError
 
 from . import distributions as D
 from .engine import EstimatorResult, run_many
-from .truth import Truth, estimator_target, exact_moments, truth
+from .truth import Truth, _expm1mx, estimator_target, exact_moments, truth
 
 __all__ = [
     "REPRODUCE_ESTIMATORS",
@@ -89,17 +89,21 @@ def normal_shift_expected(mu: float, estimator: str) -> tuple[float, float]:
     m2 = mu * mu
     true = m2 / 2
     em = math.expm1(m2)
+    # k = e^{μ²} - 1 - μ², from the series near 0: the variances below are written through it
+    # so that nothing cancels for near-equal pairs (μ = 1e-6: e^{μ²} - 1 - μ² ~ 5e-25)
+    k = _expm1mx(m2)
     if estimator == "k1":
         return 0.0, 2.0 / abs(mu)
     if estimator == "k2":
         return m2 / 4, math.sqrt(2 + m2)
     if estimator == "k3":
-        return 0.0, math.sqrt(em - m2) / true
+        return 0.0, math.sqrt(k) / true
     if estimator == "forward_k3":
-        var = math.exp(m2) * (1 - 2 * m2 + 9 * m2 * m2 / 4) - (1 - m2 + m2 * m2 / 4)
+        # e^{μ²}(1 - 2μ² + 9μ⁴/4) - (1 - μ² + μ⁴/4) = k(1 - 2μ²) + (9/4)μ⁴(e^{μ²} - 1)
+        var = k * (1 - 2 * m2) + 2.25 * m2 * m2 * em
         return 0.0, math.sqrt(var) / true
     if estimator in ("k_opt", "k_opt_crossfit"):
-        return 0.0, math.sqrt(m2 - m2 * m2 / em) / true
+        return 0.0, math.sqrt(m2 * k / em) / true  # μ² - μ⁴/(e^{μ²} - 1) = μ²·k/(e^{μ²} - 1)
     raise KlestError(f"no closed form for {estimator!r}", argument="estimator")
 
 
