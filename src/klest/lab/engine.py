@@ -43,6 +43,7 @@ import numpy as np
 from klest import KlestError, Moments, _stream
 from klest._config import claim_fast, fast_wanted, get_options, options
 from klest._numerics import LAB_SERIES_RADIUS, numpy_values
+from klest.estimators import _k_lambda
 from klest.table import Estimator, fast_kernel, get_estimator, numpy_kind
 
 from . import distributions as D
@@ -459,11 +460,9 @@ def _k_opt(pair: _stream.KoptPartial, span: _stream.Partial) -> EstimatorResult:
     if not (math.isfinite(p.mean) and math.isfinite(p.m2)):
         return EstimatorResult("k_opt", mom, 1.0, lam if math.isfinite(p.mean) else math.nan)
 
-    def h(L: float) -> float:
-        try:
-            return lam * math.expm1(L) - L
-        except OverflowError:
-            return math.copysign(math.inf, lam)
+    def h(L: float) -> float:  # the core's k_opt value at one L (no overflow, no cancellation)
+        with np.errstate(all="ignore"):
+            return float(_k_lambda(_NPX, np.array([L]), lam)[0])
 
     l_min, l_max = span.vmin, span.vmax
     ends = (h(l_min), h(l_max))

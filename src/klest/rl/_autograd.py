@@ -106,7 +106,7 @@ def compute(
         if spec.gradient == "reverse_kl":
             c = None  # -L_raw, formed last (in place) once nothing else needs L_raw
         elif spec.gradient == "forward_kl":
-            c = -torch.expm1(L_raw)
+            c = v_minus_slope("forward_k3", L_raw)  # -(r - 1): the table's record of forward_k3
         elif spec.gradient == "sequence_reverse_kl":
             c = reward_to_go(-L_raw, m)
         elif as_written:

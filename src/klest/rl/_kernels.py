@@ -107,15 +107,6 @@ def _finite(L: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return fin, torch.where(fin, L, torch.zeros_like(L))
 
 
-def _forward_cv(L: torch.Tensor) -> torch.Tensor:
-    """L·e^L - expm1(L) for finite L: that form for L <= 1 (accurate near 0, where the two terms
-    cancel), e^L·(L - 1) + 1 above (no cancellation there, and +inf, not inf - inf, once e^L
-    overflows)."""
-    big = L > 1
-    e = torch.exp(L)
-    return torch.where(big, e * (L - 1) + 1, L * e - torch.expm1(torch.where(big, 0, L)))
-
-
 def value(est: Estimator, L: torch.Tensor) -> torch.Tensor:
     """Per-token value; float64 for the cancelling forms when ``L`` is float32."""
     if est == "k1":
@@ -125,16 +116,14 @@ def value(est: Estimator, L: torch.Tensor) -> torch.Tensor:
     if est == "abs":
         return L.abs()
     if est == "k3":
-        if L.dtype == torch.float32:
-            v = L.double()
-            return v.expm1_().sub_(L)  # +inf at L = -inf, as it should
+        if L.dtype == torch.float32:  # float32 accuracy from the closed form in float64
+            return nm.expm1mx_closed(_xp(L), L.double())
         return nm.expm1mx(_xp(L), L)
     if est == "forward_k1":
         return nm.xlogx(_xp(L), L)
     if est == "forward_k3":
         if L.dtype == torch.float32:
-            fin, Lf = _finite(L.double())
-            return torch.where(fin, _forward_cv(Lf), torch.ones_like(Lf))
+            return nm.lexpl_mexpm1_closed(_xp(L), L.double())
         return nm.lexpl_mexpm1(_xp(L), L)
     if isinstance(est, TableEstimator):
         return est.values(_xp(L), L)
@@ -174,20 +163,19 @@ def k3_blocks(
         v = value("k3", L).to(torch.float64)
         return v.sum(dim=-1, keepdim=True), (moments(v, mask) if want_moments else None)
     flat = L.reshape(-1, L.shape[-1])
+    xp = _xp(L)
     mflat = None if mask is None else mask.reshape(flat.shape)
     n_rows, width = flat.shape
     f64 = torch.float64
     out = torch.empty(n_rows, dtype=f64, device=L.device)
     step = max(1, _BLOCK // max(1, width))
     buf = torch.empty(min(step, n_rows), width, dtype=f64, device=L.device)
-    tmp = torch.empty_like(buf)
     parts: list[torch.Tensor] = []
     for start in range(0, n_rows, step):
         stop = min(start + step, n_rows)
-        b, t = buf[: stop - start], tmp[: stop - start]
+        b = buf[: stop - start]
         b.copy_(flat[start:stop])
-        torch.expm1(b, out=t)
-        t.sub_(b)  # k3 of this block, in float64
+        t = nm.expm1mx_closed(xp, b)  # k3 of this block, in float64
         torch.sum(t, dim=1, out=out[start:stop])
         if want_moments:
             mb = None if mflat is None else mflat[start:stop]
