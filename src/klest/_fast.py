@@ -471,15 +471,29 @@ if _nb is not None:
             out[3] = math.inf if pos else st[4]
 
     @_jit
+    def _scratch() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """A sub-block's float64 buffers (L, values, work) and two int64 keys."""
+        return np.empty(SUB), np.empty(SUB), np.empty(SUB), np.empty(2, dtype=np.int64)
+
+    @_jit
+    def _state() -> np.ndarray:
+        """An empty running state (see _STATE): no values, extremes at ±inf."""
+        st = np.zeros(_STATE)
+        st[3], st[4] = math.inf, -math.inf
+        return st
+
+    @_jit
+    def _result(st: np.ndarray) -> tuple[float, float, float, float]:
+        out = np.empty(4)
+        _finish(st, out)
+        return out[0], out[1], out[2], out[3]
+
+    @_jit
     def _moments_1d(
         L: Any, code: int, fast: bool, extremes: bool
     ) -> tuple[float, float, float, float]:
-        buf = np.empty(SUB)
-        vals = np.empty(SUB)
-        work = np.empty(SUB)
-        keys = np.empty(2, dtype=np.int64)
-        st = np.zeros(_STATE)
-        st[3], st[4] = math.inf, -math.inf
+        buf, vals, work, keys = _scratch()
+        st = _state()
         for a in range(0, L.size, SUB):
             m = min(SUB, L.size - a)
             src = L[a : a + m]
@@ -487,21 +501,15 @@ if _nb is not None:
                 buf[i] = src[i]
             _fill(code, buf[:m], fast, vals[:m], work[:m])
             _accumulate(vals[:m], st, keys, extremes)
-        out = np.empty(4)
-        _finish(st, out)
-        return out[0], out[1], out[2], out[3]
+        return _result(st)
 
     @_jit
     def _moments_f32(L: Any, code: int, extremes: bool) -> tuple[float, float, float, float]:
         """:func:`_moments_1d` for float32 input, the path every value takes (the same numbers):
         the largest |L|'s bits are taken from the float32 bits in the widening copy itself,
         which saves the separate pass of :func:`_fill` over the float64 buffer."""
-        buf = np.empty(SUB)
-        vals = np.empty(SUB)
-        work = np.empty(SUB)
-        keys = np.empty(2, dtype=np.int64)
-        st = np.zeros(_STATE)
-        st[3], st[4] = math.inf, -math.inf
+        buf, vals, work, keys = _scratch()
+        st = _state()
         bits = L.view(np.int32)
         for a in range(0, L.size, SUB):
             m = min(SUB, L.size - a)
@@ -519,9 +527,7 @@ if _nb is not None:
                     s += 1
                 _doubling(code, buf[:m], s, vals[:m], work[:m])
             _accumulate(vals[:m], st, keys, extremes)
-        out = np.empty(4)
-        _finish(st, out)
-        return out[0], out[1], out[2], out[3]
+        return _result(st)
 
     @_jit
     def _quadratic(x: np.ndarray, coeffs: np.ndarray, codes: np.ndarray, out: np.ndarray) -> None:
@@ -530,10 +536,7 @@ if _nb is not None:
         states = np.zeros((P, K, _STATE))
         states[:, :, 3] = math.inf
         states[:, :, 4] = -math.inf
-        buf = np.empty(SUB)
-        vals = np.empty(SUB)
-        work = np.empty(SUB)
-        keys = np.empty(2, dtype=np.int64)
+        buf, vals, work, keys = _scratch()
         for a in range(0, x.size, SUB):
             m = min(SUB, x.size - a)
             src = x[a : a + m]
