@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ._rows import Group, Plan, raise_bad_rows
+from ._rows import Group, Plan, raise_bad_rows, safe_max
 
 __all__ = ["KLFunction"]
 
@@ -59,8 +59,9 @@ def _local_stats(
     q = torch.softmax(y, -1, out=bq if q_out is None else q_out)
     lx = lse_from_softmax(mx, p)
     ly = lse_from_softmax(my, q)
-    d = torch.sub(x, y, out=bq)  # log p − log q = (x − y) − (lse_x − lse_y)
-    d.sub_((lx - ly).to(d.dtype)[:, None])
+    # log p − log q = (x − m_x) − (y − m_y) − (log S_x − log S_y): the shifted logits keep the
+    # digits that x − y would lose to rounding when a logit is large (x_v = 1e4: 6e-4 of KL)
+    d = log_ratio_rows(x, y, mx, my, lx, ly, bq, scratch)
     kl = row_dot(p, d, scratch)
     careful = bool(torch.isnan(kl).any())
     if careful:
@@ -78,6 +79,27 @@ def _local_stats(
         kl = torch.where(inf_rows, torch.full_like(kl, math.inf), kl)
         kl = torch.where(dead, torch.zeros_like(kl), kl)
     return mx, my, lx, ly, kl, careful
+
+
+def log_ratio_rows(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    mx: torch.Tensor,
+    my: torch.Tensor,
+    lx: torch.Tensor,
+    ly: torch.Tensor,
+    out: torch.Tensor,
+    scratch: torch.Tensor | None,
+) -> torch.Tensor:
+    """log X − log Y = (x − m_x) − (y − m_y) − ((lse_x − m_x) − (lse_y − m_y)) into ``out``
+    (m: any per-row reference, e.g. the row max; lse in float64). The shifted logits keep the
+    digits that x − y loses to rounding when a logit is large (x_v = 1e4 cost 6e-4 of the KL);
+    an all −inf row's m counts as 0 (its entries are masked by the caller)."""
+    mx, my = safe_max(mx), safe_max(my)
+    u = torch.sub(y, my[:, None], out=scratch) if scratch is not None else y - my[:, None]
+    d = torch.sub(x, mx[:, None], out=out)
+    c = (lx - mx.to(lx.dtype)) - (ly - my.to(ly.dtype))
+    return d.sub_(u).sub_(c.to(d.dtype)[:, None])
 
 
 def merge_kl(
@@ -148,7 +170,7 @@ class KLFunction(torch.autograd.Function):
         KL = KL.to(f64).clamp_min(0.0)  # ≥ 0 exactly; rounding can leave −1e-8
         if not plan.all_valid:
             KL = torch.where(valid_rows(plan, dev), KL, torch.zeros_like(KL))
-        ctx.save_for_backward(a, b, LX, LY, KL)
+        ctx.save_for_backward(a, b, LX, LY, KL, mx, my)
         ctx.weights = (wx, wy)
         ctx.plan, ctx.segs, ctx.swap, ctx.inv_t, ctx.cdt = plan, segs, swap, inv_t, cdt
         ctx.careful = careful
@@ -157,7 +179,7 @@ class KLFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
-        a, b, LX, LY, KL = ctx.saved_tensors
+        a, b, LX, LY, KL, mx, my = ctx.saved_tensors
         plan: Plan = ctx.plan
         cdt = ctx.cdt
         wx, wy = ctx.weights
@@ -174,9 +196,8 @@ class KLFunction(torch.autograd.Function):
         gb = grad_buffer(b, plan) if need_b else None
         gx, gy = (gb, ga) if ctx.swap else (ga, gb)
         scale = (grad.reshape(-1).to(torch.float64) * ctx.inv_t).to(cdt)
-        shift = (LX - LY + KL).to(cdt)  # log X − log Y − KL = (x − y) − shift
         inf_rows = torch.isinf(KL)
-        (bp,) = buffers(plan, a.shape[-1], cdt, a.device, 1)
+        bp, bu = buffers(plan, a.shape[-1], cdt, a.device, 2)
         for c in plan.chunks:
             lo, hi = c
             x, y = read_pair(plan, ctx.segs, c, cdt, ctx.inv_t, ctx.swap)
@@ -184,9 +205,10 @@ class KLFunction(torch.autograd.Function):
             p = softmax_rows(x, bp[: hi - lo], None if wx is None else wx[lo:hi], careful)
             s = scale[lo:hi, None]
             if gx is not None:
-                out = target(gx, c, cdt)
-                torch.sub(x, y, out=out)
-                out.sub_(shift[lo:hi, None])
+                out = target(gx, c, cdt)  # X ⊙ (log X − log Y − KL)
+                sl = slice(lo, hi)
+                log_ratio_rows(x, y, mx[sl], my[sl], LX[sl], LY[sl], out, bu[: hi - lo])
+                out.sub_(KL[sl].to(cdt)[:, None])
                 if careful:
                     out.masked_fill_(x == _NEG, 0.0)
                 out.mul_(p).mul_(s)
