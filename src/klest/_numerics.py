@@ -220,12 +220,7 @@ def numpy_values(
         return out
     with np.errstate(invalid="ignore", over="ignore"):
         if single:
-            if x.dtype != np.float64 and kind == "expm1mx":  # widened once: the ufuncs below
-                np.copyto(out, x)  # then run without casting buffers (~10 % faster)
-                np.expm1(out, out=out)
-                out -= x
-            else:
-                _closed_form(kind, x, out)
+            _closed_form(kind, x, out)
             if np.minimum.reduce(out) < _F32_CANDIDATE:
                 idx = np.flatnonzero(np.abs(x) < F32_SERIES_RADIUS)
                 if idx.size:
@@ -309,7 +304,11 @@ def _closed_form(kind: str, x: Any, out: Any) -> Any:
     with np.errstate(invalid="ignore", over="ignore"):
         # dtype=float64: x may hold float32 values, computed in float64 all the same
         if kind == "expm1mx":
-            np.expm1(x, out=out, dtype=np.float64)
+            if x.dtype == np.float64:
+                np.expm1(x, out=out)
+            else:  # widened once, so that expm1 runs without casting buffers (~10 % faster)
+                np.copyto(out, x)
+                np.expm1(out, out=out)
             np.subtract(out, x, out=out, dtype=np.float64)
             return out
         e = np.exp(x, dtype=np.float64)
