@@ -737,7 +737,7 @@ def _kopt_rows(job: ArrayJob, tasks: list[_Task], cross: bool, threads: int) -> 
     kernel = _kopt_kernel(job, cross)
     piece = CHUNK
     if kernel is not None and math.prod(job.inner) >= 1024:
-        piece = KERNEL_CHUNK_CONTIGUOUS if job.sources[0].flags.c_contiguous else KERNEL_CHUNK
+        piece = _compiled_piece(job)
         tasks = _tasks(job, piece)
     results = _run(lambda t: _kopt_piece(job, t, cross, kernel), tasks, threads, piece)
     for t, (res, t_moved) in zip(tasks, results, strict=True):
@@ -754,6 +754,11 @@ def _kopt_rows(job: ArrayJob, tasks: list[_Task], cross: bool, threads: int) -> 
             p = kopt_values(acc[0][r], acc[0][r].lam)
         n[r], mean[r], m2[r] = p.n, p.mean, p.m2
     return n, mean, m2, moved
+
+
+def _compiled_piece(job: ArrayJob) -> int:
+    """Piece size for a compiled kernel: large where it reads the input in place."""
+    return KERNEL_CHUNK_CONTIGUOUS if job.sources[0].flags.c_contiguous else KERNEL_CHUNK
 
 
 def _blocks(tasks: list[_Task], size: int = BLOCK_CHUNKS) -> list[list[_Task]]:
@@ -823,8 +828,7 @@ def reduce_array(
     piece = CHUNK
     if _kernel_applies(job, kernel) and math.prod(job.inner) >= 1024:
         if kernel not in NUMPY_KERNELS:
-            src = job.sources[0]
-            piece = KERNEL_CHUNK_CONTIGUOUS if src.flags.c_contiguous else KERNEL_CHUNK
+            piece = _compiled_piece(job)
         elif rows == 1:
             piece = NUMPY_KERNEL_CHUNK
     columns = _column_source(job, kernel)
