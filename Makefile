@@ -1,11 +1,28 @@
 # Two commands on a fresh machine (no virtual environment needs to be active):
 #   make demo   installs klest in .venv and runs the main job, `klest reproduce`
-#   make test   installs the test requirements in .venv and runs lint, types and the tests
+#   make test   installs the test requirements in .venv and runs lint, types, the tests and the
+#               docs' snippets, saying which part runs and how long each took
+# and, for maintainers:
+#   make docs   rewrites the outputs shown in README.md and docs/*.md from what the code prints
+#               now (read `git diff` afterwards); benchmark figures: bench_*.py --write-docs
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+SHELL := /bin/bash
 
-.PHONY: demo test lint typecheck pytest bench clean
+# `$(call part,TITLE,COMMAND)`: a header line, the command, its wall time.
+define part
+	@echo "==> $(1)"
+	@start=$$(date +%s); $(2); status=$$?; \
+	echo "    ($$(( $$(date +%s) - start )) s)"; exit $$status
+endef
+
+PYTEST := $(BIN)/python -m pytest -q
+# the core part: everything outside the subpackages' test folders, and the doctests of src/klest
+CORE_TESTS := tests src/klest --ignore=tests/lab --ignore=tests/rl --ignore=tests/logits \
+	--ignore=tests/test_docs.py
+
+.PHONY: demo test lint typecheck pytest docs bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +32,7 @@ $(VENV)/.demo-installed: pyproject.toml | $(BIN)/python
 	touch $@
 
 $(VENV)/.test-installed: pyproject.toml requirements-test.txt | $(BIN)/python
+	@echo "==> installing the test requirements into $(VENV) (first run: a few minutes)"
 	$(BIN)/python -m pip install --quiet -r requirements-test.txt -e ".[lab]"
 	touch $@
 
@@ -22,16 +40,29 @@ demo: $(VENV)/.demo-installed
 	$(BIN)/klest reproduce
 
 lint: $(VENV)/.test-installed
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(call part,lint: ruff check and ruff format --check (src tests benchmarks),\
+		$(BIN)/ruff check src tests benchmarks && $(BIN)/ruff format --check src tests benchmarks)
 
 typecheck: $(VENV)/.test-installed
-	$(BIN)/mypy src/klest
+	$(call part,types: mypy src/klest,$(BIN)/mypy src/klest)
 
+# Each part runs even if an earlier one failed; the target fails if any did.
 pytest: $(VENV)/.test-installed
-	$(BIN)/python -m pytest -q
+	@failed=""; \
+	run() { echo "==> tests: $$1"; start=$$(date +%s); shift; "$$@" || failed="$$failed [$$title]"; \
+		echo "    ($$(( $$(date +%s) - start )) s)"; }; \
+	title="core"; run "core (tests/*.py and the doctests of src/klest)" $(PYTEST) $(CORE_TESTS); \
+	title="lab"; run "the lab (tests/lab)" $(PYTEST) tests/lab; \
+	title="rl, logits"; run "klest.rl and klest.logits (tests/rl, tests/logits)" \
+		$(PYTEST) tests/rl tests/logits; \
+	title="docs"; run "the docs: README.md and docs/*.md run and compared (tests/test_docs.py)" \
+		$(PYTEST) tests/test_docs.py; \
+	if [ -n "$$failed" ]; then echo "==> failed:$$failed"; exit 1; fi
 
 test: lint typecheck pytest
+
+docs: $(VENV)/.test-installed
+	$(BIN)/python tests/docsync.py --update
 
 bench: $(VENV)/.test-installed
 	$(BIN)/python benchmarks/bench_estimate.py

@@ -9,7 +9,8 @@ Also reported: klest with one thread, klest with its compiled kernels switched o
 NumPy's SIMD kernels, and the peak extra memory klest allocates (tracemalloc), which must not grow
 with n.
 
-Usage: python benchmarks/bench_estimate.py [--n N] [--repeats R]
+Usage: python benchmarks/bench_estimate.py [--n N] [--repeats R] [--write-docs]
+(``--write-docs``: this run's table into the README's ``bench:estimate`` block.)
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import time
 import tracemalloc
 
 import numpy as np
+from _docs import add_write_docs_flag, markdown_table, write_block
 from _platform import describe
 
 import klest
@@ -40,6 +42,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=10**8)
     parser.add_argument("--repeats", type=int, default=7)
+    add_write_docs_flag(parser)
     args = parser.parse_args()
 
     print(describe())  # CPU, NumPy's SIMD kernels (np.show_config), klest[fast]
@@ -81,6 +84,7 @@ def main() -> None:
         med = statistics.median(ts)
         print(f"  {name:34s} {med * 1e3:8.1f} ms   ratio to np.exp(L, out=buf): {med / base:5.2f}")
 
+    peaks: dict[str, float] = {}
     for name, call in (
         ("k3", lambda: klest.estimate(log_ratio=L, estimator="k3")),
         ("k3, NumPy path", numpy_path(lambda: klest.estimate(log_ratio=L))),
@@ -91,6 +95,7 @@ def main() -> None:
         call()
         _, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
+        peaks[name] = peak / 2**20
         print(
             f"  klest {name:16s} peak extra memory: {peak / 2**20:6.1f} MiB "
             f"(input: {L.nbytes / 2**20:.0f} MiB)"
@@ -105,6 +110,30 @@ def main() -> None:
     print(f"RATIO klest.estimate(k_opt) / estimate(k3) = {k_opt / k3:.2f} (target <= 2)")
     axis0 = statistics.median(runs[f"klest k3 axis=0 [{side}, {side}]"])
     print(f"RATIO klest.estimate(axis=0) / estimate(k3) = {axis0 / k3:.2f} (target <= 2)")
+    if args.write_docs:
+        one = statistics.median(runs["klest k3, 1 thread"])
+        ms = lambda t: f"{t * 1e3:.0f} ms"  # noqa: E731
+        exp = math.log10(args.n)
+        sup = str.maketrans("0123456789", "⁰¹²³⁴⁵⁶⁷⁸⁹")
+        size = "10" + str(int(exp)).translate(sup) if exp.is_integer() else f"{args.n:,}"
+        rows = [
+            [f"`estimate(k3)` mean+stdev of {size} float32, `klest[fast]`",
+             f"{ms(k3)} ({threads} threads), {ms(one)} (1)",
+             f"one `np.exp(L, out=buf)` pass, {ms(base)}",
+             f"**{k3 / base:.2f}×** (1 thread {one / base:.2f}×)", "≤ 1.5×"],
+            ["same, pure NumPy path (`KLEST_FAST=0`)", ms(numpy_k3), "same",
+             f"{numpy_k3 / base:.2f}×", "≤ 3×"],
+            ["same, `estimate(k_opt)`", ms(k_opt), "`estimate(k3)`", f"**{k_opt / k3:.2f}×**",
+             "≤ 2×"],
+            [f"same, `estimate(k3, axis=0)` on [{side}, {side}]", ms(axis0), "`estimate(k3)`",
+             f"**{axis0 / k3:.2f}×**", "≤ 2×"],
+            ["same, peak extra memory",
+             f"{peaks['k3']:.1f} MiB (k3), {peaks['k_opt']:.1f} (k_opt), "
+             f"{peaks['k3 axis=0']:.1f} (axis=0), {peaks['k3, NumPy path']:.1f} (NumPy path)",
+             f"input {L.nbytes / 2**20:.0f} MiB", "", "≤ 4 MiB"],
+        ]  # fmt: skip
+        header = ["benchmark", "klest", "baseline, same run", "ratio", "target"]
+        write_block("estimate", markdown_table(header, rows))
 
 
 def _one_thread(fn):

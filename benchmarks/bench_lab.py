@@ -1,20 +1,28 @@
 """The lab against the seed's way of running its experiment (eager PyTorch, whole arrays).
 
-Work: q = N(0, 1), p = N(0.1, 1) and N(1, 1), 10**7 samples each, k1/k2/k3 bias/true and
-stdev/true. The baseline is ../shared/bench/seed_snippet.py (relative to the repository), run as
-written in a subprocess; its own ``seconds:`` line times its computation alone (torch imported).
-klest's side is timed in this process around the same computation (engine only, imports done).
+Work: q = N(0, 1), p = N(0.1, 1) and N(1, 1), 10**7 samples each. The baseline is
+../shared/bench/seed_snippet.py (relative to the repository), run as written in a subprocess; its
+own ``seconds:`` line times its computation alone (torch imported): k1/k2/k3 bias/true and
+stdev/true.
 
-Prints:
+Prints, one figure per line (medians of --repeats interleaved rounds: each round runs every
+contender once, so that load on a shared machine hits all alike):
   * the CPU, NumPy's SIMD kernels and whether klest[fast] (numba) is installed;
-  * compute time, median of --repeats interleaved rounds (each round runs every contender once,
-    so that load on a shared machine hits all alike): klest with its compiled kernels (one set of
-    draws from q serves both shifts, as ``klest reproduce`` does), the same with the kernels off
-    (pure NumPy, ``klest.options(fast=False)``), klest with independent draws per shift, the
-    snippet, and the ratios against the targets (>= 8x with klest[fast], >= 5x without);
-  * peak resident memory (ru_maxrss of a fresh child) of ``python -m klest reproduce`` and of
-    the snippet, and their ratio (target <= 1/4).
-  * with --huge N: time and peak memory of ``klest compare`` at N samples (e.g. 1e9).
+  * ``klest reproduce`` as users run it, default options (``fast="auto"``, which loads the
+    compiled kernels for a job this size), all five estimators (k1, k2, k3, forward_k3, k_opt):
+    wall time of the command at --n and at --n 1000 in fresh processes, their difference (the
+    compute time: numba's load and the sampling; start-up, imports and the table cancel), and
+    the ratio snippet / that compute time (target >= 5); the same difference with numba loaded
+    in both runs (``KLEST_FAST=1``: its load is then start-up) and with the kernels off
+    (``KLEST_FAST=0``);
+  * the engine alone in this process (imports and kernel load done): the five estimators and
+    k1/k2/k3 with the compiled kernels, the same with them off (pure NumPy), k1/k2/k3 with
+    independent draws per shift, and the ratios of the snippet to the k1/k2/k3 runs (targets
+    >= 8 with klest[fast], >= 5 without);
+  * peak resident memory (ru_maxrss of a fresh child) of ``python -m klest reproduce`` (default
+    options, and with ``KLEST_FAST=0``) and of the snippet, and their ratio (target <= 1/4);
+  * with --huge N: time and peak memory of ``klest compare`` at N samples (e.g. 1e9);
+  * a JSON line with every figure.
 
 Usage: python benchmarks/bench_lab.py [--repeats 5] [--n 10000000] [--huge 1e9]
 """
@@ -31,23 +39,28 @@ import sys
 import time
 from pathlib import Path
 
+from _docs import StdoutTee, add_write_docs_flag
+
 REPO = Path(__file__).resolve().parents[1]
 SNIPPET = REPO.parent / "shared" / "bench" / "seed_snippet.py"
 SHIFTS = ("normal(0.1, 1)", "normal(1, 1)")
-ESTIMATORS = ["k1", "k2", "k3"]
+SEED_ESTIMATORS = ["k1", "k2", "k3"]  # what the snippet computes
+SMALL_N = 1000  # the reference run whose wall time is subtracted: everything but the sampling
 
 
-def klest_seconds(n: int, seed: int, *, shared: bool, fast: bool = True) -> float:
+def klest_seconds(
+    n: int, seed: int, estimators: list[str], *, shared: bool = True, fast: bool = True
+) -> float:
     import klest
     from klest.lab.engine import run, run_many
 
     with klest.options(fast=fast):
         start = time.perf_counter()
         if shared:
-            run_many("normal(0, 1)", list(SHIFTS), ESTIMATORS, n, seed)
+            run_many("normal(0, 1)", list(SHIFTS), estimators, n, seed)
         else:
             for p in SHIFTS:
-                run("normal(0, 1)", p, ESTIMATORS, n, seed)
+                run("normal(0, 1)", p, estimators, n, seed)
         return time.perf_counter() - start
 
 
@@ -62,6 +75,13 @@ def snippet_seconds(n: int, seed: int) -> float:
     if match is None:
         raise RuntimeError(f"no 'seconds:' line in the snippet's output:\n{out}")
     return float(match.group(1))
+
+
+def command_seconds(cmd: list[str], env: dict[str, str] | None = None) -> float:
+    """Wall time of ``cmd`` in a fresh process (start-up included), its output discarded."""
+    start = time.perf_counter()
+    subprocess.run(cmd, env={**os.environ, **(env or {})}, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - start
 
 
 _PEAK = (
@@ -93,53 +113,120 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--huge", type=float, default=0, help="also run compare at this n")
+    add_write_docs_flag(ap)  # --write-docs: the report into the docs' bench:lab blocks
     args = ap.parse_args()
+    StdoutTee(args.write_docs, "lab")
     if not SNIPPET.exists():
         sys.exit(f"baseline not found: {SNIPPET}")
 
     from _platform import describe, fast_status
 
     import klest.lab.engine  # noqa: F401  (imports outside the timed region)
+    from klest.lab.experiments import REPRODUCE_ESTIMATORS
 
+    five = list(REPRODUCE_ESTIMATORS)
     print(describe())
-    # warm-up: thread pool, page faults, and the kernels' compilation (or its on-disk cache)
-    klest_seconds(100_000, args.seed, shared=True)
-    klest_seconds(100_000, args.seed, shared=True, fast=False)
     has_fast = fast_status().endswith("used")
-    runs: dict[str, list[float]] = {"fast": [], "numpy": [], "separate": [], "snippet": []}
+    # warm-up: thread pool, page faults, the kernels' compilation (or its on-disk cache) in this
+    # process and in the commands' (KLEST_FAST=1 fills the cache the default run then reads)
+    klest_seconds(100_000, args.seed, five)
+    klest_seconds(100_000, args.seed, five, fast=False)
+    reproduce = [sys.executable, "-m", "klest", "reproduce", "--quiet", "--seed", str(args.seed)]
+    command_seconds([*reproduce, "--n", "100000"], {"KLEST_FAST": "1"})
+
+    runs: dict[str, list[float]] = {
+        k: []
+        for k in (
+            "reproduce",
+            "reproduce_small",
+            "reproduce_fast",
+            "reproduce_fast_small",
+            "reproduce_numpy",
+            "reproduce_numpy_small",
+            "snippet",
+            "five_fast",
+            "five_numpy",
+            "three_fast",
+            "three_numpy",
+            "three_separate",
+        )
+    }
     for _ in range(args.repeats):  # interleaved rounds
-        if has_fast:
-            runs["fast"].append(klest_seconds(args.n, args.seed, shared=True))
-        runs["numpy"].append(klest_seconds(args.n, args.seed, shared=True, fast=False))
-        runs["separate"].append(klest_seconds(args.n, args.seed, shared=False))
+        for key, env in (("", {}), ("_fast", {"KLEST_FAST": "1"}), ("_numpy", {"KLEST_FAST": "0"})):
+            if key == "_fast" and not has_fast:
+                continue
+            runs[f"reproduce{key}"].append(command_seconds([*reproduce, "--n", str(args.n)], env))
+            small = [*reproduce, "--n", str(SMALL_N)]
+            runs[f"reproduce{key}_small"].append(command_seconds(small, env))
         runs["snippet"].append(snippet_seconds(args.n, args.seed))
+        if has_fast:
+            runs["five_fast"].append(klest_seconds(args.n, args.seed, five))
+            runs["three_fast"].append(klest_seconds(args.n, args.seed, SEED_ESTIMATORS))
+        runs["five_numpy"].append(klest_seconds(args.n, args.seed, five, fast=False))
+        runs["three_numpy"].append(klest_seconds(args.n, args.seed, SEED_ESTIMATORS, fast=False))
+        runs["three_separate"].append(
+            klest_seconds(args.n, args.seed, SEED_ESTIMATORS, shared=False)
+        )
     med = {k: statistics.median(v) for k, v in runs.items() if v}
     t_seed = med["snippet"]
-    t_shared = med.get("fast", med["numpy"])
-    t_sep = med["separate"]
-    print(f"work: 2 shifts x {args.n:,} samples, k1/k2/k3; medians of {args.repeats} rounds")
-    if has_fast:
-        print(f"  klest, compiled kernels (shared draws): {med['fast']:.3f} s")
-    print(f"  klest, pure NumPy (shared draws)      : {med['numpy']:.3f} s")
-    print(f"  klest, default, independent draws     : {t_sep:.3f} s")
-    print(f"  seed snippet (eager torch)            : {t_seed:.3f} s")
-    if has_fast:
-        print(f"RATIO snippet / klest[fast] = {t_seed / med['fast']:.1f}x (target >= 8)")
-    print(f"RATIO snippet / klest pure NumPy = {t_seed / med['numpy']:.1f}x (target >= 5)")
-    print(f"  (independent draws per shift: {t_seed / t_sep:.1f}x)")
+    compute = med["reproduce"] - med["reproduce_small"]
 
-    reproduce = [sys.executable, "-m", "klest", "reproduce", "--n", str(args.n), "--quiet"]
-    rss_klest, wall_klest = peak_rss_mib(reproduce)
-    rss_forced, wall_forced = peak_rss_mib(reproduce, {"KLEST_FAST": "1"}) if has_fast else (0, 0)
-    rss_seed, wall_seed = peak_rss_mib([sys.executable, str(SNIPPET), "--n", str(args.n)])
-    print("peak resident memory, whole process:")
-    print(f"  klest reproduce (5 estimators) : {rss_klest:.0f} MiB ({wall_klest:.2f} s wall)")
-    if has_fast:  # the default ("auto") does not load numba for a job this size: see options
-        print(f"  the same, KLEST_FAST=1 (numba) : {rss_forced:.0f} MiB ({wall_forced:.2f} s wall)")
-    print(f"  seed snippet                   : {rss_seed:.0f} MiB ({wall_seed:.2f} s wall)")
-    print(f"RATIO peak memory klest / snippet = {rss_klest / rss_seed:.2f} (target <= 0.25)")
+    print(
+        f"work: q = N(0, 1), p = N(0.1, 1) and N(1, 1), {args.n:,} samples; medians of "
+        f"{args.repeats} interleaved rounds"
+    )
+    print(f"klest reproduce, default options, 5 estimators, wall: {med['reproduce']:.3f} s")
+    print(f"klest reproduce --n {SMALL_N}, default options, wall: {med['reproduce_small']:.3f} s")
+    print(f"klest reproduce compute time (wall difference): {compute:.3f} s")
+    print(f"seed snippet compute time (eager torch, k1/k2/k3): {t_seed:.3f} s")
+    print(
+        f"RATIO seed snippet / klest reproduce compute time = {t_seed / compute:.1f}x (target >= 5)"
+    )
+    compute_numpy = med["reproduce_numpy"] - med["reproduce_numpy_small"]
+    print(
+        f"klest reproduce compute time, KLEST_FAST=0 (pure NumPy): {compute_numpy:.3f} s "
+        f"({t_seed / compute_numpy:.1f}x)"
+    )
+    compute_fast = None
+    if has_fast:  # numba loaded in both runs: its load is then start-up, not compute
+        compute_fast = med["reproduce_fast"] - med["reproduce_fast_small"]
+        print(
+            "klest reproduce compute time, KLEST_FAST=1 (numba loaded in both runs): "
+            f"{compute_fast:.3f} s ({t_seed / compute_fast:.1f}x)"
+        )
     if has_fast:
-        print(f"  (with numba loaded: {rss_forced / rss_seed:.2f})")
+        print(f"engine, 5 estimators, compiled kernels: {med['five_fast']:.3f} s")
+    print(f"engine, 5 estimators, pure NumPy: {med['five_numpy']:.3f} s")
+    if has_fast:
+        print(f"engine, k1/k2/k3, compiled kernels: {med['three_fast']:.3f} s")
+    print(f"engine, k1/k2/k3, pure NumPy: {med['three_numpy']:.3f} s")
+    print(f"engine, k1/k2/k3, default options, independent draws: {med['three_separate']:.3f} s")
+    if has_fast:
+        print(
+            f"RATIO seed snippet / engine k1/k2/k3 compiled = {t_seed / med['three_fast']:.1f}x "
+            "(target >= 8)"
+        )
+    print(
+        f"RATIO seed snippet / engine k1/k2/k3 pure NumPy = {t_seed / med['three_numpy']:.1f}x "
+        "(target >= 5)"
+    )
+
+    full = [*reproduce, "--n", str(args.n)]
+    rss_klest, wall_klest = peak_rss_mib(full)
+    rss_numpy, wall_numpy = peak_rss_mib(full, {"KLEST_FAST": "0"})
+    rss_seed, wall_seed = peak_rss_mib([sys.executable, str(SNIPPET), "--n", str(args.n)])
+    print(
+        f"peak memory, klest reproduce, default options: {rss_klest:.0f} MiB "
+        f"({wall_klest:.2f} s wall)"
+    )
+    print(
+        f"peak memory, klest reproduce, KLEST_FAST=0: {rss_numpy:.0f} MiB ({wall_numpy:.2f} s wall)"
+    )
+    print(f"peak memory, seed snippet: {rss_seed:.0f} MiB ({wall_seed:.2f} s wall)")
+    print(
+        f"RATIO peak memory klest (default) / snippet = {rss_klest / rss_seed:.2f} (target <= 0.25)"
+    )
+    print(f"RATIO peak memory klest (KLEST_FAST=0) / snippet = {rss_numpy / rss_seed:.2f}")
 
     if args.huge:
         n = int(args.huge)
@@ -164,13 +251,20 @@ def main() -> None:
     print(
         json.dumps(
             {
-                "klest_s": t_shared,
-                "klest_fast_s": med.get("fast"),
-                "klest_numpy_s": med["numpy"],
-                "klest_separate_s": t_sep,
+                "reproduce_s": med["reproduce"],
+                "reproduce_small_s": med["reproduce_small"],
+                "reproduce_compute_s": compute,
                 "snippet_s": t_seed,
+                "ratio_snippet_reproduce": t_seed / compute,
+                "reproduce_compute_numpy_s": compute_numpy,
+                "reproduce_compute_fast_s": compute_fast,
+                "engine_five_fast_s": med.get("five_fast"),
+                "engine_five_numpy_s": med["five_numpy"],
+                "engine_three_fast_s": med.get("three_fast"),
+                "engine_three_numpy_s": med["three_numpy"],
+                "engine_three_separate_s": med["three_separate"],
                 "klest_rss_mib": rss_klest,
-                "klest_rss_numba_mib": rss_forced,
+                "klest_rss_numpy_mib": rss_numpy,
                 "snippet_rss_mib": rss_seed,
             }
         )

@@ -36,6 +36,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from _docs import StdoutTee, add_write_docs_flag
 from _platform import describe
 
 from klest.logits import full_kl, full_kl_from_hidden, token_logprobs
@@ -49,6 +50,17 @@ def naive_kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def naive_logprobs(a: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(a, -1).gather(-1, t[:, None])[:, 0]
+
+
+def naive_processed(a: torch.Tensor, t: torch.Tensor, k: int, p: float) -> torch.Tensor:
+    """Log-probs under top-k then top-p, masked on a sorted copy of the whole tensor (the way
+    vLLM's ``apply_top_k_top_p`` filters), then log_softmax + gather."""
+    x = a.masked_fill(a < a.topk(k, dim=-1).values[:, -1:], -float("inf"))
+    srt, idx = x.sort(-1)
+    removed = srt.softmax(-1).cumsum(-1) <= 1 - p
+    removed[:, -1] = False
+    x = x.scatter(-1, idx, srt.masked_fill(removed, -float("inf")))
+    return torch.log_softmax(x, -1).gather(-1, t[:, None])[:, 0]
 
 
 def rss() -> int:
@@ -149,7 +161,9 @@ def main() -> None:
     ap.add_argument("--chunk-size", type=int, default=None, help="klest rows per chunk")
     ap.add_argument("--skip-compile", action="store_true")
     ap.add_argument("--skip-hidden", action="store_true")
+    add_write_docs_flag(ap)  # --write-docs: the report into the docs' bench:logits blocks
     args = ap.parse_args()
+    StdoutTee(args.write_docs, "logits")
     if args.threads:
         torch.set_num_threads(args.threads)
     N, V = args.rows, args.vocab
@@ -201,6 +215,12 @@ def main() -> None:
     lp_variants = {
         "naive eager log_softmax + gather": fb(lambda x: naive_logprobs(x, t), a),
         "klest token_logprobs": fb(lambda x: token_logprobs(x, t, chunk_size=cs), a),
+        "naive eager top-k 50, top-p 0.9 (sorted mask)": fb(
+            lambda x: naive_processed(x, t, 50, 0.9), a
+        ),
+        "klest token_logprobs, top_k=50, top_p=0.9": fb(
+            lambda x: token_logprobs(x, t, top_k=50, top_p=0.9, chunk_size=cs), a
+        ),
     }
     if not args.skip_compile:
         ckl = torch.compile(naive_kl, dynamic=False)

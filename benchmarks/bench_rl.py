@@ -8,7 +8,8 @@ backward, counted with torch.autograd.graph.saved_tensors_hooks. Baselines:
   peers' way to get the reverse-KL gradient, i.e. the same value and gradient as klest's default.
 - ``trl:grpo`` eager: plain k3 and its autograd gradient (forward KL), masked mean.
 
-Run: ``.venv/bin/python benchmarks/bench_rl.py`` (``--help`` for sizes and repeats).
+Run: ``.venv/bin/python benchmarks/bench_rl.py`` (``--help`` for sizes and repeats; ``--write-docs``
+puts the table into the ``bench:rl`` blocks of README.md and docs/rl.md).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from _docs import add_write_docs_flag, markdown_table, write_block
 
 import klest
 import klest.rl as rl
@@ -89,6 +91,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=8192)
     ap.add_argument("--repeats", type=int, default=40)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    add_write_docs_flag(ap)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -129,13 +132,27 @@ def main() -> None:
         f"median of {args.repeats}"
     )
     print(f"{'variant':44s} {'fwd+bwd ms':>10s} {'time ratio':>10s} {'saved MB':>9s} {'ratio':>6s}")
+    rows = []
     for k, fn in variants.items():
         med = statistics.median(times[k])
         nb = saved_bytes(fn, logp)
         print(
             f"{k:44s} {med * 1e3:10.2f} {med / base:10.2f} {nb / 2**20:9.2f} {nb / base_bytes:6.2f}"
         )
+        rows.append([k, f"{med * 1e3:.2f}", f"{med / base:.2f}", f"{nb / 2**20:.1f}",
+                     f"{nb / base_bytes:.2f}"])  # fmt: skip
     print("(ratios against the eager verl low_var_kl+ formula: same value, same gradient)")
+    if args.write_docs:
+        header = ["variant", "fwd+bwd (ms)", "time vs verl `low_var_kl+`",
+                  "saved for backward (MB)", "memory vs verl `low_var_kl+`"]  # fmt: skip
+        intro = (
+            f"Forward + backward of a masked token-mean loss on [{B}, {T}] float32 tokens, CPU, "
+            f"{torch.get_num_threads()} threads, variants interleaved in shuffled order, median "
+            f"of {args.repeats} repeats; value agrees with the eager verl formula to "
+            f"{float(abs(v1 - v2) / v2):.0e} (relative), gradient to "
+            f"{(g1 - g2).abs().max().item():.0e}:\n\n"
+        )
+        write_block("rl", intro + markdown_table(header, rows))
 
 
 if __name__ == "__main__":

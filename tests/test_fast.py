@@ -571,19 +571,30 @@ def test_axis0_column_kernel_non_finite_columns_follow_the_rule():
 
 
 @needs_numba
-def test_a_record_held_from_before_the_kernels_were_loaded_gets_them():
-    """Review: under "auto" a record fetched before numba was loaded (no kernel on it) gets the
-    compiled kernel every time once they are loaded, not only the first time."""
+def test_the_engine_chooses_kernels_and_the_table_stays_data():
+    """The compiled kernel of a record is the engine's choice (``_stream.kernel_for``): by the
+    record's name for a record computing the built-in's values, every time, for copies too;
+    never for a record that only borrows a built-in's name; and nothing is written into the
+    table (the registry's record is the same object, with the same fields, before and after)."""
     import dataclasses
 
-    from klest import _stream, table
+    from klest import _fast, _stream
 
+    before = klest.get_estimator("k3")
+    fields = dataclasses.astuple(before)
     with klest.options(fast=True):
-        loaded = klest.get_estimator("k3")  # fills the registry's record with its kernel
-        bare = dataclasses.replace(loaded, kernel=None)
-        for _ in range(3):
-            kernel = table.fast_kernel(bare)
-            assert kernel is loaded.kernel and kernel not in _stream.NUMPY_KERNELS
+        for rec in (before, dataclasses.replace(before, description="a copy")):
+            for _ in range(3):
+                kernel = _stream.kernel_for(rec)
+                assert kernel is _fast.KERNELS["k3"] and kernel not in _stream.NUMPY_KERNELS
+        impostor = klest.Estimator("k3", "reverse_kl", lambda xp, L: -L)
+        assert _stream.kernel_for(impostor) is None
+        L = np.array([-1.0, 0.5, 2.0])
+        got = klest.estimate(log_ratio=L, estimator=impostor)
+        assert got.mean == pytest.approx(-L.mean(), rel=1e-15)  # its own values, not k3's
+    with klest.options(fast=False):  # k3's values are a NumPy primitive: its NumPy kernel
+        assert _stream.kernel_for(before) in _stream.NUMPY_KERNELS
+    assert klest.get_estimator("k3") is before and dataclasses.astuple(before) == fields
 
 
 def test_numba_is_not_loaded_when_the_kernels_are_off():

@@ -5,6 +5,7 @@ KL(q‖p); ``forward_*`` the forward KL(p‖q); :func:`fdiv` any f-divergence.
 """
 
 from ._config import get_options, options, set_options
+from ._stream import register_kernel
 from .divergences import (
     FDivergence,
     alpha_divergence,
@@ -57,5 +58,6 @@ __all__ = [
     "options",
     "register_divergence",
     "register_estimator",
+    "register_kernel",
     "set_options",
 ]

@@ -29,7 +29,8 @@ class Options:
     the values computed without them in this process reach :data:`AUTO_FAST_WORK` (a "ski
     rental" rule: never more than about twice the time of the better choice), or at once if numba
     is already loaded. The environment variable ``KLEST_FAST=0`` turns them off whatever the
-    option; ``KLEST_FAST=1`` turns "auto" into always."""
+    option; ``KLEST_FAST=1`` turns "auto" into always; any value other than 0/false/no/off,
+    1/true/yes/on and auto is refused with :class:`KlestError` where the kernels are decided."""
 
     validate: bool = True
     threads: int = max(1, min(2, os.cpu_count() or 1))
@@ -69,16 +70,34 @@ _auto_work = 0.0
 _auto_lock = threading.Lock()
 
 
+_ENV_OFF = ("0", "false", "no", "off")
+_ENV_ON = ("1", "true", "yes", "on")
+_ENV_AUTO = ("", "auto")  # unset or empty: the option decides
+
+
+def _fast_env() -> str:
+    """``KLEST_FAST``, lower-cased; a value that is none of 0/false/no/off, 1/true/yes/on, auto
+    or empty raises :class:`KlestError` (read at each use: a typo is never taken for "auto")."""
+    env = os.environ.get("KLEST_FAST", "").strip().lower()
+    if env not in _ENV_OFF + _ENV_ON + _ENV_AUTO:
+        raise KlestError(
+            f"the environment variable KLEST_FAST={os.environ['KLEST_FAST']!r} is not understood; "
+            "use 0 (off), 1 (on) or auto (or leave it unset)",
+            argument="KLEST_FAST",
+        )
+    return env
+
+
 def _forced() -> bool | None:
     """False: off (``KLEST_FAST=0`` or ``fast=False``); True: on (``fast=True``, or
     ``KLEST_FAST=1`` under "auto"); None: "auto" decides."""
-    env = os.environ.get("KLEST_FAST", "").strip().lower()
-    if env in ("0", "false", "no", "off"):
+    env = _fast_env()
+    if env in _ENV_OFF:
         return False
     mode = _get().fast
     if isinstance(mode, bool):
         return mode
-    return True if env in ("1", "true", "yes", "on") else None
+    return True if env in _ENV_ON else None
 
 
 def fast_wanted() -> bool:

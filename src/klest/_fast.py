@@ -50,15 +50,20 @@ from typing import Any
 
 import numpy as np
 
+from ._config import fast_wanted
 from ._numerics import series_coefficients
+from .errors import KlestError
 
 __all__ = [
     "KERNELS",
     "KOPT_FIELDS",
+    "LAB_PAIR_FIELDS",
     "LIMIT",
     "SUB",
     "available",
     "kopt_comoments",
+    "lab_state",
+    "quadratic_lab",
     "quadratic_moments",
     "values",
 ]
@@ -90,8 +95,6 @@ except ImportError:  # the extra is not installed: KERNELS stays empty
 def available() -> bool:
     """Whether the compiled kernels are used: numba is importable, ``klest.options(fast=...)`` is
     true (the default) and the environment variable ``KLEST_FAST`` is not ``0``."""
-    from ._config import fast_wanted
-
     return _nb is not None and fast_wanted()
 
 
@@ -151,8 +154,6 @@ def kopt_comoments(L: np.ndarray) -> np.ndarray:
 
 def _need_numba() -> None:
     if _nb is None:
-        from .errors import KlestError
-
         raise KlestError("the compiled kernels need numba: pip install 'klest[fast]'")
 
 
@@ -725,3 +726,237 @@ if _nb is not None:
             out[j, 2] = bad[j]
 
     KERNELS.update({name: _kernel(code) for name, code in CODES.items()})
+
+
+# ------------------------------------------------------------- the lab's fused normal pass
+#: What :func:`quadratic_lab` gives per target in its second array, in order: k_opt's
+#: co-moments (as :data:`KOPT_FIELDS`) and the extremes of L.
+LAB_PAIR_FIELDS = (*KOPT_FIELDS, "L_min", "L_max")
+_LAB_EXTRA = 13  # per target after the estimators' states: 10 co-moment fields, bad, L min, max
+
+
+def lab_state(n_targets: int, n_names: int) -> np.ndarray:
+    """An empty running state for :func:`quadratic_lab` (float64 [n_targets, 9·n_names + 13]:
+    per name the 9-field state of the moment loops, then the co-moments, a flag and L's extremes)."""
+    st = np.zeros((n_targets, 9 * n_names + _LAB_EXTRA))
+    for j in range(n_names):
+        st[:, 9 * j + 3], st[:, 9 * j + 4] = math.inf, -math.inf
+    st[:, -2], st[:, -1] = math.inf, -math.inf
+    return st
+
+
+def quadratic_lab(
+    x: np.ndarray,
+    coeffs: np.ndarray,
+    names: tuple[str, ...],
+    pair: bool,
+    state: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    r""":func:`quadratic_moments` and, with ``pair``, k_opt's co-moments, in one pass over x.
+
+    For each target p, L_p = (a_p·x + b_p)·x + c_p is formed once per sub-block of ``SUB``
+    draws; k3(L) (and e^L, when forward_k3 is asked for) is computed once and serves k3,
+    forward_k3 = L² + k3·(L - 1) (|L| < 1) or e^L (L - 1) + 1, and the co-moments, which are
+    those of :func:`kopt_comoments` on L_p: over the sub-blocks, the means of (L, k3, e = L + k3)
+    and their centred co-moments S_ab = Σ (a - ā)(b - b̄), merged with Chan et al.'s update.
+
+    ``state`` (from :func:`lab_state`): a running state, updated in place, so that several calls
+    on consecutive pieces of a stream give what one call on all of it gives when every piece but
+    the last is a multiple of ``SUB`` long (the sub-blocks, and so the sums, are the same).
+
+    Returns ``(moments, pairs)`` over everything the state has seen: float64 [P, len(names), 4]
+    of (mean, m2, vmin, vmax), the values of :func:`quadratic_moments` (up to the rounding of a
+    fused multiply-add), and float64 [P, 14] of :data:`LAB_PAIR_FIELDS` (zeros without
+    ``pair``). ``bad`` is 1 where L or a co-moment was not finite (coefficients or values beyond
+    float64 moments): the caller then computes that target's co-moments another way."""
+    _need_numba()
+    x = np.ascontiguousarray(x, dtype=np.float64).reshape(-1)
+    coeffs = np.ascontiguousarray(coeffs, dtype=np.float64).reshape(-1, 3)
+    codes = np.array([CODES[n] for n in names], dtype=np.int64)
+    if state is None:
+        state = lab_state(coeffs.shape[0], codes.size)
+    if state.shape != (coeffs.shape[0], 9 * codes.size + _LAB_EXTRA):
+        raise ValueError("state does not match the targets and names")
+    out = np.empty((coeffs.shape[0], codes.size, 4))
+    pairs = np.zeros((coeffs.shape[0], len(LAB_PAIR_FIELDS)))
+    _quadratic_lab(x, coeffs, codes, bool(pair), state, out, pairs)
+    return out, pairs
+
+
+if _nb is not None:
+
+    @_jit_fma
+    def _k3_and_exp(L: np.ndarray, s: int, k: np.ndarray, e: np.ndarray) -> None:
+        """k3(L) into k and e^L into e for finite L with |L| <= RADIUS·2^s: the steps of
+        :func:`_doubling`'s forward_k3 path, keeping both results (same error bound)."""
+        c = _C
+        scale = 2.0**-s
+        for i in range(L.size):  # k3(y) by Horner, c_2..c_18
+            y = L[i] * scale
+            p = c[16] * y + c[15]
+            p = p * y + c[14]
+            p = p * y + c[13]
+            p = p * y + c[12]
+            p = p * y + c[11]
+            p = p * y + c[10]
+            p = p * y + c[9]
+            p = p * y + c[8]
+            p = p * y + c[7]
+            p = p * y + c[6]
+            p = p * y + c[5]
+            p = p * y + c[4]
+            p = p * y + c[3]
+            p = p * y + c[2]
+            p = p * y + c[1]
+            p = p * y + c[0]
+            k[i] = p * (y * y)
+        for i in range(L.size):
+            e[i] = 1.0 + L[i] * scale + k[i]
+        for j in range(s):
+            scale = 2.0 ** (j - s)
+            for i in range(L.size):
+                y = L[i] * scale
+                k[i] = y * y + k[i] * (2.0 + 2.0 * y + k[i])
+                e[i] = e[i] * e[i]
+
+    @_jit_fma
+    def _fk3_from(L: np.ndarray, k: np.ndarray, e: np.ndarray, out: np.ndarray) -> None:
+        """forward_k3 from k3 and e^L (the last step of :func:`_doubling`'s forward_k3 path)."""
+        for i in range(L.size):
+            x = L[i]
+            if abs(x) < 1.0:
+                out[i] = x * x + k[i] * (x - 1.0)
+            else:
+                out[i] = e[i] * (x - 1.0) + 1.0
+
+    @_jit_sum
+    def _key_extremes(v: np.ndarray, keys: np.ndarray) -> tuple[float, float]:
+        """(min, max) of non-NaN float64 values through order-preserving integer keys (keys:
+        int64 scratch of size 2)."""
+        bits = v.view(np.int64)
+        lo = bits[0] ^ ((bits[0] >> 63) & _ABS)
+        hi = lo
+        for i in range(v.size):
+            key = bits[i] ^ ((bits[i] >> 63) & _ABS)
+            lo = min(lo, key)
+            hi = max(hi, key)
+        keys[0] = lo ^ ((lo >> 63) & _ABS)
+        keys[1] = hi ^ ((hi >> 63) & _ABS)
+        vals = keys.view(np.float64)
+        return vals[0], vals[1]
+
+    @_jit
+    def _co_merge(st: np.ndarray, ms: np.ndarray, cnt: int) -> bool:
+        """Merge one sub-block's sums ``ms`` (see :func:`_cosums`) of ``cnt`` samples into a
+        co-moment state st = [n, mean_L, mean_k, mean_e, S_LL, S_kk, S_ee, S_Lk, S_Le, S_ke];
+        False if a sum or co-moment is not finite."""
+        for j in range(9):
+            if not math.isfinite(ms[j]):
+                return False
+        c = float(cnt)
+        n = st[0]
+        if n == 0.0:  # the first block: no cross terms (δ² may overflow, inf · 0 is NaN)
+            for j in range(3):
+                st[1 + j] = ms[j] / c
+            for j in range(6):
+                st[4 + j] = ms[3 + j]
+            st[0] = c
+            return True
+        tot = n + c
+        w = n * c / tot
+        d0 = ms[0] / c - st[1]
+        d1 = ms[1] / c - st[2]
+        d2 = ms[2] / c - st[3]
+        st[4] += ms[3] + d0 * d0 * w
+        st[5] += ms[4] + d1 * d1 * w
+        st[6] += ms[5] + d2 * d2 * w
+        st[7] += ms[6] + d0 * d1 * w
+        st[8] += ms[7] + d0 * d2 * w
+        st[9] += ms[8] + d1 * d2 * w
+        st[1] += d0 * (c / tot)
+        st[2] += d1 * (c / tot)
+        st[3] += d2 * (c / tot)
+        st[0] = tot
+        for j in range(4, 10):
+            if not math.isfinite(st[j]):
+                return False
+        return True
+
+    @_jit
+    def _quadratic_lab(
+        x: np.ndarray,
+        coeffs: np.ndarray,
+        codes: np.ndarray,
+        pair: bool,
+        state: np.ndarray,
+        out: np.ndarray,
+        pairs: np.ndarray,
+    ) -> None:
+        P = coeffs.shape[0]
+        K = codes.size
+        base = 9 * K  # state[p]: K estimator states (see _STATE), then co-moments, bad, extremes
+        buf, vals, work, keys = _scratch()
+        kv = np.empty(SUB)
+        ev = np.empty(SUB)
+        fv = np.empty(SUB)
+        ms = np.zeros(9)
+        has_k3 = False
+        has_fk3 = False
+        for j in range(K):
+            has_k3 = has_k3 or codes[j] == 2
+            has_fk3 = has_fk3 or codes[j] == 4
+        for a in range(0, x.size, SUB):
+            m = min(SUB, x.size - a)
+            src = x[a : a + m]
+            Lb = buf[:m]
+            k = kv[:m]
+            f = fv[:m]
+            for p in range(P):
+                st = state[p]
+                A, B, C = coeffs[p, 0], coeffs[p, 1], coeffs[p, 2]
+                for i in range(m):  # the lab engine's form of L for a normal pair
+                    Lb[i] = (src[i] * A + B) * src[i] + C
+                if has_k3 or has_fk3 or pair:
+                    bits = Lb.view(np.int64)
+                    mx = 0
+                    for i in range(m):
+                        mx = max(mx, bits[i] & _ABS)
+                    if mx > _LIMIT_BITS:  # inf, NaN or |L| > LIMIT: the scalar forms
+                        _exact(2, Lb, k)
+                        if has_fk3:
+                            _exact(4, Lb, f)
+                    else:
+                        s = 0
+                        while mx > _RADIUS_BITS + (s << 52):
+                            s += 1
+                        _k3_and_exp(Lb, s, k, ev[:m])
+                        if has_fk3:
+                            _fk3_from(Lb, k, ev[:m], f)
+                for j in range(K):
+                    code = codes[j]
+                    sj = st[9 * j : 9 * j + 9]
+                    if code == 2:
+                        _accumulate(k, sj, keys, True)
+                    elif code == 4:
+                        _accumulate(f, sj, keys, True)
+                    else:
+                        _fill(code, Lb, True, vals[:m], work[:m])
+                        _accumulate(vals[:m], sj, keys, True)
+                if pair and st[base + 10] == 0.0:
+                    lo, hi = _key_extremes(Lb, keys)
+                    st[base + 11] = min(st[base + 11], lo)
+                    st[base + 12] = max(st[base + 12], hi)
+                    _cosums(Lb, k, ms)
+                    if not _co_merge(st[base : base + 10], ms, m):
+                        st[base + 10] = 1.0
+        for p in range(P):
+            st = state[p]
+            for j in range(K):
+                _finish(st[9 * j : 9 * j + 9], out[p, j])
+            if pair:
+                for j in range(10):
+                    pairs[p, j] = st[base + j]
+                pairs[p, 10] = 0.0
+                pairs[p, 11] = st[base + 10]
+                pairs[p, 12] = st[base + 11]
+                pairs[p, 13] = st[base + 12]

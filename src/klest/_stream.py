@@ -19,35 +19,62 @@ pieces of at most :data:`CHUNK` elements: groups of whole output rows when a row
 pieces of one row (merged along the row) when it is long. Each piece is converted to float64 into
 a work buffer, validated, clamped and masked there, so the input is never copied as a whole.
 
-Chunk kernels (the table's ``kernel`` slot) read unmasked, unclamped float input as it is: the
-compiled ones of :mod:`klest._fast` (in pieces of :data:`KERNEL_CHUNK`), or, without them, the
-NumPy ones of :func:`numpy_kernel` for estimators whose values are a :mod:`klest._numerics`
+Chunk kernels read unmasked, unclamped float input as it is. Which one computes a record of the
+estimator table is decided here, by :func:`kernel_for`, never stored in the table: the compiled
+kernel of :mod:`klest._fast` of a built-in record's name (in pieces of :data:`KERNEL_CHUNK`), one a
+user registered for an estimator's name (:func:`register_kernel`), or, without them, the NumPy
+kernel of :func:`numpy_kernel` for records whose value function is a :mod:`klest._numerics`
 primitive (k3, forward_k3; float32 input needs float32 accuracy only, which spares the series
 almost everywhere). k_opt's co-moments of (L, k3, r - 1) come from
 :func:`klest._fast.kopt_comoments` when it applies (not cross-fitted), else from NumPy.
+
+A record's own value function is checked on every chunk for its shape and dtype
+(:meth:`klest.table.Estimator.values`), and, where a chunk's mean comes out NaN, for NaN values
+at log-ratios that are not NaN (:func:`klest.table.check_values`): the check costs a pass only
+where the result would otherwise be NaN.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import array_api_compat.numpy as npx
 import numpy as np
+
+from ._backend import check_log_ratio_values
+from ._config import fast_wanted, options
+from ._numerics import expm1mx, lexpl_mexpm1, numpy_values
+from .errors import KlestError
+from .table import BUILTIN_NAMES, FDIV_PREFIX, Estimator, check_values, get_estimator, is_builtin
 
 __all__ = [
     "CHUNK",
+    "NUMPY_KERNELS",
+    "Kernel",
     "Partial",
     "chunk_moments",
     "combine",
     "finish",
+    "kernel_for",
     "kopt_moments",
     "kopt_values",
+    "numpy_kernel",
+    "numpy_kind",
     "ordered_map",
+    "register_kernel",
 ]
+
+#: A chunk kernel: a non-empty 1-D float32/float64 array of L, read as it is (not clamped, no
+#: masked entries) -> (mean, m2, min, max) of the record's per-sample values on it, accumulated
+#: in float64 (``m2`` = Σ (v - mean)²). Optional attributes: ``mean_m2(L)`` -> (mean, m2)
+#: without the extremes; ``columns(X)`` -> per-column (mean, m2) of a 2-D X reduced over axis 0.
+Kernel = Callable[[np.ndarray], tuple[float, float, float, float]]
 
 CHUNK = 1 << 15  # elements per chunk: float64 work buffers of 256 KiB stay in cache
 BLOCK_CHUNKS = 64  # chunks per unit of parallel work (fixed, so results ignore thread count)
@@ -465,8 +492,6 @@ class _Buffers:
     """Per-thread float64 work buffers (reused: no page faults per chunk)."""
 
     def __init__(self) -> None:
-        import threading
-
         self.local = threading.local()
 
     def get(self, size: int, dtype: Any = np.float64, slot: str = "") -> np.ndarray:
@@ -483,11 +508,10 @@ _BUFFERS = _Buffers()
 
 @functools.cache
 def numpy_kernel(kind: str) -> Callable[[np.ndarray], tuple[float, float, float, float]]:
-    """A NumPy chunk kernel (the table's ``Kernel`` signature) for the primitive ``kind`` of
+    """A NumPy chunk kernel (see :data:`Kernel`) for the primitive ``kind`` of
     :mod:`klest._numerics`: the chunk is widened into a float64 work buffer, its values computed
     by :func:`klest._numerics.numpy_values` (float32 accuracy for float32 input, which lets it
     skip the series almost everywhere) and reduced by :func:`chunk_moments`."""
-    from ._numerics import numpy_values
 
     def values(L: np.ndarray) -> np.ndarray:
         L = L.reshape(-1)
@@ -515,6 +539,74 @@ def numpy_kernel(kind: str) -> Callable[[np.ndarray], tuple[float, float, float,
 
 NUMPY_KERNELS: set[Any] = set()
 
+_K3 = get_estimator("k3")
+#: The :mod:`klest._numerics` primitives that have a NumPy chunk kernel, by value function.
+_NUMPY_KINDS: dict[Any, str] = {expm1mx: "expm1mx", lexpl_mexpm1: "lexpl_mexpm1"}
+#: Kernels users registered, by estimator name, with the value function they were registered for.
+_USER_KERNELS: dict[str, tuple[Any, Kernel]] = {}
+
+
+def numpy_kind(rec: Estimator) -> str | None:
+    """The :mod:`klest._numerics` primitive (a ``numpy_values`` kind) of a record's values, if
+    its value function is one (k3: ``"expm1mx"``, forward_k3: ``"lexpl_mexpm1"``)."""
+    return _NUMPY_KINDS.get(rec.value) if rec.value is not None else None
+
+
+def kernel_for(rec: Estimator) -> Kernel | None:
+    """The chunk kernel that computes ``rec`` under the options in force, or None (its value
+    function, chunk by chunk). Compiled kernels (``klest.options(fast=...)``, ``KLEST_FAST``):
+    the kernel a user registered for the record's name and value function
+    (:func:`register_kernel`), else :mod:`klest._fast`'s kernel of a built-in record's name.
+    Otherwise the NumPy kernel of its value function's primitive (:func:`numpy_kind`), if any.
+    Whole-batch records (k_opt) have none: their co-moments are reduced by :func:`reduce_array`.
+    """
+    if rec.batch:
+        return None
+    if fast_wanted():
+        user = _USER_KERNELS.get(rec.name)
+        if user is not None and user[0] is rec.value:
+            return user[1]
+        if is_builtin(rec):
+            from . import _fast  # here, not above: it imports numba, which `import klest` must not
+
+            kernel = _fast.KERNELS.get(rec.name) if _fast.available() else None
+            if kernel is not None:
+                return kernel
+    kind = numpy_kind(rec)
+    return numpy_kernel(kind) if kind is not None else None
+
+
+def register_kernel(estimator: str, kernel: Kernel) -> None:
+    r"""Use ``kernel`` to reduce the registered estimator named ``estimator`` in
+    :func:`klest.estimate` and the lab, where compiled kernels are on (``klest.options(fast=...)``,
+    ``KLEST_FAST``) and it applies (one unmasked, unclamped float32/float64 input).
+
+    ``kernel(L)`` takes a non-empty 1-D chunk of L and returns, for the values v = value(L) of the
+    estimator (up to rounding), accumulated in float64,
+
+    .. math:: \bar v = \tfrac1n \textstyle\sum_i v_i, \quad M_2 = \sum_i (v_i - \bar v)^2,
+              \quad \min_i v_i, \quad \max_i v_i
+
+    (see :data:`Kernel`). It is tied to the record's value function at registration: once the
+    estimator is registered again with another value function, the kernel is no longer used.
+    The registry is per process (a lab executor's worker process uses it only if it registered
+    it too). :func:`klest.estimate` validates the input of each piece the kernel reduces and
+    refuses a NaN mean. Built-in and ``fdiv:`` estimators cannot be given one.
+    """
+    rec = get_estimator(estimator) if isinstance(estimator, str) else None
+    if rec is None or rec.name in BUILTIN_NAMES or rec.name.startswith(FDIV_PREFIX) or rec.batch:
+        raise KlestError(
+            f"a kernel is registered for an estimator registered by name "
+            f"(klest.register_estimator), got {estimator!r}",
+            argument="estimator",
+        )
+    if not callable(kernel):
+        raise KlestError(
+            f"must be callable: 1-D L -> (mean, m2, min, max), got {type(kernel).__name__}",
+            argument="kernel",
+        )
+    _USER_KERNELS[rec.name] = (rec.value, kernel)
+
 
 _GATHER = 512  # columns per block of a strided 2-D gather: the lines it touches stay in L1
 
@@ -535,10 +627,6 @@ def _bad_values(job: ArrayJob, idx: tuple[Any, ...], keep: np.ndarray | None = N
     :func:`klest._backend.check_log_ratio_values`). Masked-out entries (``keep`` false, or
     np.ma-masked) are not data: they are ignored whatever they hold, the rule of the core and
     of :mod:`klest.rl` alike."""
-    import array_api_compat.numpy as npx
-
-    from ._backend import check_log_ratio_values
-
     raw = [np.asarray(s[idx]) for s in job.sources]
     if keep is None and job.ma_masks:
         keep = ~np.logical_or.reduce([np.asarray(m[idx], dtype=bool) for m in job.ma_masks])
@@ -555,8 +643,6 @@ def _bad_values(job: ArrayJob, idx: tuple[Any, ...], keep: np.ndarray | None = N
 def _load(job: ArrayJob, t: _Task) -> tuple[np.ndarray, np.ndarray | None, int]:
     """The piece's L as a [rows, k] float64 work buffer, its keep-mask (None: keep all) and the
     number of kept elements the clamp moved."""
-    from .errors import KlestError
-
     first = job.sources[0][t.index]
     size = first.size
     rows = t.rows
@@ -595,15 +681,11 @@ def _load(job: ArrayJob, t: _Task) -> tuple[np.ndarray, np.ndarray | None, int]:
     return L, keep, moved
 
 
-def _values(rec: Any, L: np.ndarray, single: bool = False) -> np.ndarray:
+def _values(rec: Estimator, L: np.ndarray, single: bool = False) -> np.ndarray:
     """The record's per-sample values on a float64 work buffer of L; ``single``: L holds values
-    of float32 origin (float32 accuracy suffices: see :func:`klest._numerics.numpy_values`)."""
-    import array_api_compat.numpy as npx
-
-    from ._config import options
-    from ._numerics import numpy_values
-    from .table import numpy_kind
-
+    of float32 origin (float32 accuracy suffices: see :func:`klest._numerics.numpy_values`).
+    A record's own value function is checked for its shape and dtype
+    (:meth:`klest.table.Estimator.values`)."""
     kind = numpy_kind(rec)
     if kind is not None:
         out = _BUFFERS.get(L.size, slot="_values")
@@ -629,7 +711,7 @@ def _raw_rows(job: ArrayJob, t: _Task) -> np.ndarray:
     return flat
 
 
-def _kernel_rows(rec: Any, job: ArrayJob, t: _Task, kernel: Any) -> tuple[Any, ...]:
+def _kernel_rows(rec: Estimator, job: ArrayJob, t: _Task, kernel: Any) -> tuple[Any, ...]:
     """The kernel on each output row of a piece, on the input's own float32/float64 values
     (rows that are contiguous in memory are passed as they are; others are gathered into a
     buffer of the input's dtype first)."""
@@ -637,8 +719,7 @@ def _kernel_rows(rec: Any, job: ArrayJob, t: _Task, kernel: Any) -> tuple[Any, .
     fn = getattr(kernel, "mean_m2", kernel)  # compiled: without the unused extremes
     res = [fn(row) for row in flat]
     means = np.array([r[0] for r in res], dtype=np.float64)
-    if job.validate and (not np.all(np.isfinite(means)) or rec.name not in _BUILTIN_KERNELED):
-        _bad_values(job, t.index)  # finite means prove finite input for the built-ins
+    _check_kernel_means(rec, job, t.index, means, kernel)
     n = np.full(t.rows, float(flat.shape[1]))
     return n, means, np.array([r[1] for r in res], dtype=np.float64), 0
 
@@ -655,7 +736,25 @@ def _kernel_applies(job: ArrayJob, kernel: Any) -> bool:
     )
 
 
-def _piece_moments(rec: Any, job: ArrayJob, t: _Task, kernel: Any) -> tuple[Any, ...]:
+def _check_kernel_means(
+    rec: Estimator, job: ArrayJob, index: tuple[Any, ...], means: np.ndarray, kernel: Any
+) -> None:
+    """Validation of a piece reduced by a chunk kernel, which never saw the values one by one:
+    a non-finite mean sends the input to :func:`_bad_values`; for a record that is not a
+    built-in (whose finite means prove finite input) the input is always checked. A NaN mean
+    from a registered kernel (:func:`register_kernel`) on input that passed is its fault."""
+    builtin = is_builtin(rec)
+    if job.validate and (not np.all(np.isfinite(means)) or not builtin):
+        _bad_values(job, index)
+        if not builtin and kernel not in NUMPY_KERNELS and np.any(np.isnan(means)):
+            raise KlestError(
+                f"the kernel registered for estimator {rec.name!r} returned a NaN mean for "
+                "log-ratios that are not NaN",
+                argument="estimator",
+            )
+
+
+def _piece_moments(rec: Estimator, job: ArrayJob, t: _Task, kernel: Any) -> tuple[Any, ...]:
     if (
         _kernel_applies(job, kernel)
         and (t.rows == 1 or job.sources[0][t.index].size >= 1024 * t.rows)
@@ -665,7 +764,19 @@ def _piece_moments(rec: Any, job: ArrayJob, t: _Task, kernel: Any) -> tuple[Any,
     L, keep, moved = _load(job, t)
     v = _values(rec, L, _single(job))
     n, mean, m2, _, _ = row_moments(v, keep)
+    if np.any(np.isnan(mean)):
+        _check_nan_rows(rec, L, v, keep, mean)
     return n, mean, m2, moved
+
+
+def _check_nan_rows(
+    rec: Estimator, L: np.ndarray, v: np.ndarray, keep: np.ndarray | None, mean: np.ndarray
+) -> None:
+    """On the rows whose mean is NaN: KlestError if the record gave NaN for a kept L that is not
+    NaN. :func:`row_moments` leaves such rows' values as they were (nothing is subtracted from
+    a non-finite mean) and zeroes masked entries; where v is L's own buffer, they are alike."""
+    for r in np.flatnonzero(np.isnan(mean)):
+        check_values(rec, L[r], v[r], keep=None if keep is None else keep[r])
 
 
 def _single(job: ArrayJob) -> bool:
@@ -673,16 +784,11 @@ def _single(job: ArrayJob) -> bool:
     return all(s.dtype == np.float32 for s in job.sources)
 
 
-_BUILTIN_KERNELED = ("k1", "k2", "k3", "forward_k1", "forward_k3")
-
-
 def _kopt_kernel(job: ArrayJob, cross: bool) -> Callable[[np.ndarray], np.ndarray] | None:
     """The compiled co-moment kernel (:func:`klest._fast.kopt_comoments`) if it can be used."""
-    from ._config import fast_wanted
-
     if cross or not fast_wanted():  # asked before importing numba
         return None
-    from . import _fast
+    from . import _fast  # here, not above: it imports numba, which `import klest` must not
 
     if not _fast.available() or not _kernel_applies(job, _fast.kopt_comoments):
         return None
@@ -693,8 +799,6 @@ def _kopt_piece(job: ArrayJob, t: _Task, cross: bool, kernel: Any = None) -> tup
     """Per-row :class:`KoptPartial` of a piece (of its even- and odd-indexed samples when
     cross-fitting), and the clamp count. With the compiled kernel, rows are read as they are;
     a row it flags (a NaN, or values beyond float64 moments) sends the piece to NumPy."""
-    from .table import get_estimator
-
     if kernel is not None and (t.rows == 1 or job.sources[0][t.index].size >= 1024 * t.rows):
         res = [kernel(row) for row in _raw_rows(job, t)]
         if not any(r[11] for r in res):
@@ -712,7 +816,7 @@ def _kopt_piece(job: ArrayJob, t: _Task, cross: bool, kernel: Any = None) -> tup
                 ],
             ), 0
 
-    k3 = get_estimator("k3")
+    k3 = _K3
 
     def values(L: np.ndarray) -> Any:
         return _values(k3, L, _single(job))
@@ -799,7 +903,7 @@ def _column_source(job: ArrayJob, kernel: Any) -> np.ndarray | None:
 
 
 def _column_reduce(
-    rec: Any, job: ArrayJob, X: np.ndarray, kernel: Any, threads: int
+    rec: Estimator, job: ArrayJob, X: np.ndarray, kernel: Any, threads: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(n, mean, m2) per column of X [R, C] by the kernel's column form, in fixed groups of
     COLUMN_GROUP columns on the threads."""
@@ -808,16 +912,17 @@ def _column_reduce(
     parts = ordered_map(lambda g: kernel.columns(X[:, g[0] : g[1]]), groups, threads)
     mean = np.concatenate([p[0] for p in parts])
     m2 = np.concatenate([p[1] for p in parts])
-    if job.validate and (not np.all(np.isfinite(mean)) or rec.name not in _BUILTIN_KERNELED):
-        _bad_values(job, (slice(None), slice(None)))  # finite means prove finite input
+    _check_kernel_means(rec, job, (slice(None), slice(None)), mean, kernel)
     return np.full(C, float(R)), mean, m2
 
 
 def reduce_array(
-    rec: Any, job: ArrayJob, threads: int, kernel: Any = None
+    rec: Estimator, job: ArrayJob, threads: int, kernel: Any = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """``(n, mean, m2, n_clamped)`` of the estimator's values over the inner axes, one entry per
-    outer position (arrays of the outer shape; n = 0 rows have mean 0, m2 0)."""
+    outer position (arrays of the outer shape; n = 0 rows have mean 0, m2 0). ``kernel``: the
+    chunk kernel to use where it applies (:func:`kernel_for`, chosen by the caller in its
+    ``klest.options`` context), None for the record's value function."""
     outer = job.outer
     rows = math.prod(outer)
     if rec.batch:

@@ -2,19 +2,31 @@
 arguments, calls :mod:`klest.lab`, prints. User mistakes end in a one-line ``klest: error: ...``
 (a spec error adds the spec with a caret under the offending character) and exit status 2, never
 a traceback.
+
+Estimators registered outside klest reach the command two ways: ``--import MODULE`` (repeatable,
+before or after the command) imports a module that calls :func:`klest.register_estimator`, and
+every installed package's entry point in the group ``klest.estimators`` (:data:`ENTRY_POINT_GROUP`)
+is loaded when the command starts (a broken one is reported in one line and skipped). The values
+of every estimator are checked by the core (:func:`klest.table.check_values`) as it streams them.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import math
+import re
 import sys
 import time
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-__all__ = ["main"]
+__all__ = ["ENTRY_POINT_GROUP", "main"]
+
+#: Entry points in this group are loaded (``ep.load()``) when the command starts: a package
+#: registers its estimators in the module (or function call) the entry point names.
+ENTRY_POINT_GROUP = "klest.estimators"
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -41,8 +53,10 @@ def _count(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not math.isfinite(v) or v != int(v):
         raise argparse.ArgumentTypeError(f"n must be a whole number, got {text!r}")
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"n must be positive, got {text!r}")
+    if v < 2:
+        raise argparse.ArgumentTypeError(
+            f"n must be at least 2 (a standard deviation needs two samples), got {text!r}"
+        )
     if v > 1e12:
         raise argparse.ArgumentTypeError(f"n = {text} is more than 1e12 samples")
     return int(v)
@@ -126,6 +140,31 @@ def _nonnegative(text: str) -> float:
     return v
 
 
+_SCHEDULER = re.compile(
+    r"(?:(?P<proto>[a-z][a-z0-9+.-]*)://)?(?P<host>\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+)"
+    r"(?::(?P<port>[0-9]{1,5}))?/?"
+)
+_SCHEDULER_PROTOCOLS = ("tcp", "tls", "ucx", "ws", "wss", "inproc")
+
+
+def _scheduler(text: str) -> str:
+    """A Dask scheduler address, checked before any connection is tried: ``tcp://host:port``
+    (or tls, ucx, ws, wss, inproc), or ``host:port``; the port 1-65535."""
+    m = _SCHEDULER.fullmatch(text.strip())
+    why = None
+    if m is None:
+        why = "expected tcp://HOST:PORT (or tls://, ucx://, ws://, wss://, inproc://)"
+    elif m["proto"] is not None and m["proto"] not in _SCHEDULER_PROTOCOLS:
+        why = f"unknown protocol {m['proto']!r} (known: {', '.join(_SCHEDULER_PROTOCOLS)})"
+    elif m["proto"] != "inproc" and m["port"] is None:
+        why = "no port: expected HOST:PORT, e.g. tcp://127.0.0.1:8786"
+    elif m["port"] is not None and not 1 <= int(m["port"]) <= 65535:
+        why = f"port {m['port']} is outside 1-65535"
+    if why is not None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a scheduler address: {why}")
+    return text.strip()
+
+
 def _workers(text: str) -> int:
     try:
         v = int(text)
@@ -152,6 +191,43 @@ def _estimators(text: str) -> list[str]:
     return names
 
 
+def _import_option(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument(
+        "--import",
+        dest="imports",
+        metavar="MODULE",
+        action="append",
+        default=None,
+        help="import MODULE first (it may register estimators); repeatable",
+    )
+
+
+def _load_plugins(argv: Sequence[str]) -> None:
+    """Load the ``klest.estimators`` entry points, then import every ``--import MODULE`` of
+    ``argv`` (read before the full parse, so that ``--estimators`` can name what they register).
+    A module that fails to import is a usage error; a broken entry point is reported and skipped."""
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            ep.load()
+        except Exception as e:  # a third-party plugin: its failure must not block the command
+            first = (str(e).splitlines() or [""])[0]
+            _warn(
+                f"entry point {ep.name!r} ({ep.value}) of {ENTRY_POINT_GROUP} failed to load "
+                f"and was skipped: {type(e).__name__}: {first}"
+            )
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--import", dest="imports", action="append", default=[])
+    known, _ = pre.parse_known_args(list(argv))
+    for name in known.imports:
+        try:
+            importlib.import_module(name)
+        except Exception as e:
+            first = (str(e).splitlines() or [""])[0]
+            raise _PathError(f"--import {name}: {type(e).__name__}: {first}") from None
+
+
 def _build_parser() -> _Parser:
     from klest import __version__
 
@@ -160,6 +236,7 @@ def _build_parser() -> _Parser:
         description="Monte Carlo estimators of KL and f-divergences: experiments.",
     )
     parser.add_argument("--version", action="version", version=f"klest {__version__}")
+    _import_option(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     def common(sp: argparse.ArgumentParser, n_default: int) -> None:
@@ -173,9 +250,11 @@ def _build_parser() -> _Parser:
         sp.add_argument(
             "--scheduler",
             metavar="ADDRESS",
+            type=_scheduler,
             default=None,
             help="run the sampling on a Dask cluster, e.g. tcp://host:8786 (needs klest[dask])",
         )
+        _import_option(sp)
 
     rp = sub.add_parser("reproduce", help="the seed's table: q = N(0,1), p = N(0.1,1), N(1,1)")
     common(rp, 10_000_000)
@@ -236,6 +315,16 @@ def _build_parser() -> _Parser:
     gr.add_argument("--seed", type=_seed, default=0, help="random seed >= 0 (default 0)")
     gr.add_argument("--format", choices=("table", "markdown", "csv", "json"), default="table")
     gr.add_argument("--plot", metavar="FILE.png", help="training curves (needs --steps > 0)")
+    gr.add_argument(
+        "--mismatch",
+        type=_nonnegative,
+        default=None,
+        metavar="D",
+        help="instead: the bias of each importance-weight correction when the sampler μ is at "
+        "KL(μ‖π) = D nats per sequence (--plot: bias against D; --off-policy, --steps, --beta "
+        "unused)",
+    )
+    _import_option(gr)
     return parser
 
 
@@ -360,6 +449,8 @@ def _cmd_gradients(args: argparse.Namespace) -> int:
         )
     from klest.lab.gradients import format_gradient_rows, plot_training, run_gradients
 
+    if args.mismatch is not None:
+        return _gradients_mismatch(args)
     if args.plot:
         _check_writable("--plot", args.plot, PLOT_SUFFIXES)
         if args.steps == 0:
@@ -379,6 +470,19 @@ def _cmd_gradients(args: argparse.Namespace) -> int:
     _print(format_gradient_rows(rows, args.format))
     if args.plot:
         plot_training(history, args.plot)
+    return 0
+
+
+def _gradients_mismatch(args: argparse.Namespace) -> int:
+    from klest.lab import mismatch_lab as ml
+
+    if args.plot:
+        _check_writable("--plot", args.plot, PLOT_SUFFIXES)
+    kw = {"V": args.V, "T": args.T, "B": args.B, "distance": args.distance, "seed": args.seed}
+    rows = ml.run_mismatch(args.mismatch, presets=not args.no_presets, eos=args.eos, **kw)
+    _print(ml.format_mismatch_rows(rows, args.format))
+    if args.plot:
+        ml.plot_mismatch(ml.sweep_mismatch(eos=args.eos, **kw), args.plot)
     return 0
 
 
@@ -460,12 +564,18 @@ def _error(message: str) -> None:
     sys.stderr.flush()
 
 
+def _warn(message: str) -> None:
+    sys.stderr.write(f"klest: warning: {message}\n")
+    sys.stderr.flush()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``klest`` console script; returns the exit status."""
     from klest import KlestError
 
     parser = _build_parser()
     try:
+        _load_plugins(sys.argv[1:] if argv is None else argv)
         args = parser.parse_args(argv)
         if args.command is None:
             parser.print_help()

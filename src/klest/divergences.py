@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import _names
 from . import _numerics as nm
 from ._backend import Array
 from .errors import KlestError
@@ -383,28 +384,12 @@ def register_divergence(div: FDivergence, *, overwrite: bool = False) -> FDiverg
     """
     if not isinstance(div, FDivergence):
         raise KlestError("expected an FDivergence", argument="div", value=div)
-    name = div.name
-    if not isinstance(name, str) or not name or name != name.strip() or "," in name:
-        raise KlestError(
-            f"a divergence name must be a non-empty string without commas or surrounding "
-            f"spaces, got {name!r}",
-            argument="div",
-        )
-    if name.startswith(("alpha:", "fdiv:")):
-        raise KlestError(
-            f"{name!r}: names starting with 'alpha:' or 'fdiv:' are reserved", argument="div"
-        )
-    from .table import known_estimator_names  # imported here: the table imports this module
-
-    if name in known_estimator_names():
-        raise KlestError(
-            f"{name!r} is an estimator's name; choose another name for the divergence",
-            argument="div",
-        )
+    name = _names.check_divergence_name(div.name)  # format, reserved, not an estimator's name
     if name in _REGISTRY and not overwrite:
         raise KlestError(f"a divergence named {name!r} exists; pass overwrite=True", argument="div")
     _check_f(div)
     _REGISTRY[name] = div
+    _names.add_divergence(name)
     return div
 
 
@@ -586,3 +571,4 @@ for _d in (
     ),
 ):
     _REGISTRY[_d.name] = _d  # the built-ins are checked by the tests, not at every import
+    _names.add_divergence(_d.name)

@@ -19,6 +19,7 @@ from typing import Any
 from . import _numerics as nm
 from ._backend import Array, clamp_counted, mask_weights
 from ._backend import log_ratio as _prepare
+from ._names import ESTIMATOR_TAG
 from .divergences import FDivergence, get_divergence
 from .errors import KlestError
 
@@ -365,3 +366,10 @@ def _parity(xp: Any, L: Array, axis: int | None) -> Array:
         shape[ax] = int(L.shape[ax])
         idx = xp.broadcast_to(xp.reshape(xp.arange(int(L.shape[ax])), tuple(shape)), L.shape)
     return (idx % 2) == 0
+
+
+# Each function names its record in the estimator table, which thus maps ``estimate(...,
+# estimator=klest.k3)`` to the record "k3" without importing this module.
+for _fn in (k1, k2, k3, forward_k1, forward_k3, k_opt):
+    setattr(_fn, ESTIMATOR_TAG, _fn.__name__)
+del _fn

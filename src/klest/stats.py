@@ -15,15 +15,17 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import array_api_compat
+import array_api_compat.numpy as npx
 import numpy as np
 
 from . import _stream
-from ._backend import Array, as_float, clamp_counted, is_traced, namespace
+from ._backend import Array, _clamp_bounds, as_float, clamp_counted, is_traced, namespace
 from ._backend import log_ratio as _prepare
-from ._config import get_options
-from .divergences import FDivergence
+from ._config import claim_fast, get_options, options
+from .divergences import FDivergence, divergence_names
 from .errors import KlestError
-from .table import Estimator, get_estimator, known_estimator_names
+from .estimators import _weights, k_opt
+from .table import Estimator, check_values, get_estimator, known_estimator_names
 
 __all__ = ["Estimate", "Moments", "estimate", "estimator_names", "per_sample"]
 
@@ -100,14 +102,10 @@ def estimator_names() -> list[str]:
     """Names accepted by ``estimate(..., estimator=...)``: the table's canonical names
     (built-ins, registered estimators, ``fdiv:<divergence>``), plus ``fdiv:alpha:<α>``, and the
     bare divergence names accepted as aliases of their ``fdiv:`` form."""
-    from .table import get_estimator as lookup
-
     aliases = []
-    from .divergences import divergence_names
-
     for d in divergence_names():
         try:
-            lookup(d)
+            get_estimator(d)
         except KlestError:
             continue  # confusable with an estimator's name: only the fdiv: form is accepted
         aliases.append(d)
@@ -199,8 +197,6 @@ def _estimate_generic(
     clamp: Any,
     ddof: int,
 ) -> Estimate:
-    from .estimators import _weights, k_opt
-
     xp, L, _ = _prepare(logq, logp, log_ratio, mask=mask)  # masked-out entries: not checked
     axes = _normalise_axis(axis, L.ndim)
     w = _weights(xp, L, mask)
@@ -213,9 +209,12 @@ def _estimate_generic(
             )
         one = None if axes is None else axes[0]
         values = k_opt(log_ratio=L, axis=one, mask=mask, cross_fit=rec.cross_fit)
-    else:
-        values = rec.values(xp, L)
-    return _reduce(xp, values, w, axes, ddof, n_clamped)
+        return _reduce(xp, values, w, axes, ddof, n_clamped)
+    values = rec.values(xp, L)  # library, shape and dtype checked
+    out = _reduce(xp, values, w, axes, ddof, n_clamped)
+    if not is_traced(out.mean) and bool(xp.any(xp.isnan(out.mean))):
+        check_values(rec, L, values, keep=w > 0)  # a NaN the record made from a finite L?
+    return out
 
 
 def _reduce(
@@ -278,8 +277,6 @@ def _numpy_source(name: str, a: Any) -> tuple[np.ndarray, np.ndarray | None]:
         a = a.data
     arr = np.asarray(a)
     if not np.issubdtype(arr.dtype, np.floating):
-        import array_api_compat.numpy as npx
-
         as_float(npx, name, arr)  # raises with the library's message
     return arr, ma_mask
 
@@ -294,10 +291,6 @@ def _estimate_numpy(
     clamp: Any,
     ddof: int,
 ) -> Estimate:
-    from ._backend import _clamp_bounds
-    from ._config import claim_fast, options
-    from .table import fast_kernel
-
     if log_ratio is not None:
         named = {"log_ratio": log_ratio}
     else:
@@ -359,7 +352,7 @@ def _estimate_numpy(
         tuple(named),
     )
     with options(fast=claim_fast(math.prod(shape))):  # "auto": compiled once they pay
-        n, mean, m2, moved = _stream.reduce_array(rec, job, opts.threads, fast_kernel(rec))
+        n, mean, m2, moved = _stream.reduce_array(rec, job, opts.threads, _stream.kernel_for(rec))
     with np.errstate(invalid="ignore", divide="ignore"):
         dof = n - ddof
         var = np.where(dof > 0, m2 / np.where(dof > 0, dof, 1.0), np.nan)

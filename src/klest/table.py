@@ -2,10 +2,17 @@ r"""The estimator table: one record per estimator, read by every consumer.
 
 A record (:class:`Estimator`) says what an estimator is: its name, the divergence it is measured
 against (``target``) and the direction, its per-sample value ``v(xp, L)`` on the log-ratio
-``L = log p - log q`` of samples x ~ q, its derivative dv/dL, whether it needs the whole batch
-(``k_opt`` fits λ̂ over the reduction), and optionally a fused ``kernel`` that reduces a chunk of L
-to the moments of v. :func:`klest.estimate`, the lab's engine and ground truth, :mod:`klest.rl` and
-the CLI all look estimators up here, so adding one is one :func:`register_estimator` call.
+``L = log p - log q`` of samples x ~ q, its derivative dv/dL, v - dv/dL, whether it needs the
+whole batch (``k_opt`` fits λ̂ over the reduction) and whether it is unbiased.
+:func:`klest.estimate`, the lab's engine and ground truth, :mod:`klest.rl` and the CLI all look
+estimators up here, so adding one is one :func:`register_estimator` call.
+
+The table is data: a record says nothing about how it is executed, and nothing is written into
+the table at run time. Which chunk kernel computes a record (a compiled one of
+:mod:`klest._fast`, found by the record's name, or a NumPy one, found by its value function) is
+the streaming engine's choice (:func:`klest._stream.kernel_for`). The table imports only
+:mod:`klest.divergences`, :mod:`klest._numerics`, :mod:`klest._backend`, :mod:`klest._names` and
+:mod:`klest.errors`.
 
 Names. The built-ins are k1, k2, k3, forward_k1, forward_k3, k_opt and k_opt_crossfit. The
 tangent-corrected estimator of any f-divergence is addressed explicitly as ``"fdiv:<divergence>"``
@@ -19,31 +26,32 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Literal
 
-import numpy as np
+import array_api_compat
 
+from . import _names
 from . import _numerics as nm
-from ._backend import Array
+from ._backend import Array, is_traced
+from ._names import FDIV_PREFIX
 from .divergences import FDivergence, divergence_names, get_divergence
 from .errors import KlestError
 
 __all__ = [
+    "BUILTIN_NAMES",
+    "FDIV_PREFIX",
     "Estimator",
+    "check_values",
     "get_estimator",
+    "is_builtin",
     "known_estimator_names",
     "register_estimator",
     "unregister_estimator",
 ]
 
 PerSample = Callable[[Any, Array], Array]  # (xp, L) -> one value per element of L
-#: A fused kernel: 1-D float32/float64 L (clamped, masked entries removed, non-empty) ->
-#: (mean, m2, min, max) of the per-sample values, accumulated in float64.
-Kernel = Callable[[np.ndarray], tuple[float, float, float, float]]
 Direction = Literal["reverse", "forward", "f-divergence"]
-
-FDIV_PREFIX = "fdiv:"
 
 
 @dataclass(frozen=True)
@@ -60,8 +68,11 @@ class Estimator:
     ``unbiased``: whether E_q[v] equals the target exactly (k2 is biased for the reverse KL).
     ``batch``: the value needs the whole reduction (k_opt: λ̂ fitted on it, see
     :func:`klest.k_opt`); ``cross_fit`` says whether λ̂ is cross-fitted.
-    ``kernel``: optional fused reduction of a chunk (see :data:`Kernel`); the NumPy formula is used
-    without it.
+
+    A value function must return an array of L's library and shape, of a real floating dtype at
+    least as wide as L's, without NaN where L is not NaN: :meth:`values` checks the first three
+    on every call and :func:`check_values` all four; :func:`klest.estimate` refuses a record that
+    breaks them with a :class:`KlestError` naming it.
     """
 
     name: str
@@ -71,7 +82,6 @@ class Estimator:
     unbiased: bool = True
     batch: bool = False
     description: str = ""
-    kernel: Kernel | None = None
     cross_fit: bool = False
     value_minus_derivative: PerSample | None = None
 
@@ -85,14 +95,15 @@ class Estimator:
         return "f-divergence"
 
     def values(self, xp: Any, L: Array) -> Array:
-        """Per-sample values on L (a whole-batch estimator raises: it needs the reduction)."""
+        """Per-sample values on L, checked for their library, shape and dtype (not for NaN: see
+        :func:`check_values`). A whole-batch estimator raises: it needs the reduction."""
         if self.value is None:
             raise KlestError(
                 f"{self.name!r} fits a coefficient on the whole reduction and has no per-sample "
                 "value on its own; pass it by name to klest.estimate",
                 argument="estimator",
             )
-        return self.value(xp, L)
+        return check_values(self, L, self.value(xp, L), nan=False)
 
 
 # ------------------------------------------------------------------------------ built-ins
@@ -215,13 +226,20 @@ _BUILTINS: tuple[Estimator, ...] = (
 BUILTIN_NAMES = tuple(e.name for e in _BUILTINS)
 
 _REGISTRY: dict[str, Estimator] = {e.name: e for e in _BUILTINS}
-_KERNEL_TRIED: set[str] = set()
+for _e in _BUILTINS:
+    _names.add_estimator(_e.name)
 
 
 # --------------------------------------------------------------------------- registration
 def register_estimator(estimator: Estimator, *, overwrite: bool = False) -> Estimator:
     """Add ``estimator`` to the table under ``estimator.name``: from then on it is accepted by
     :func:`klest.estimate`, the lab (``klest compare --estimators``) and :mod:`klest.rl`.
+
+    Refused with :class:`KlestError`: a name that is not a non-empty string, starts with
+    ``fdiv:`` or ``alpha:``, is a built-in's or a divergence's name (or is taken, without
+    ``overwrite=True``); an unknown ``target``; a ``value`` that is not callable, or a
+    ``derivative`` / ``value_minus_derivative`` that is neither callable nor None; a whole-batch
+    record (only the built-in k_opt fits over the batch).
 
     >>> import numpy as np, klest
     >>> half_k1 = klest.Estimator("half_k1_doc", "reverse_kl", lambda xp, L: -L / 2,
@@ -233,40 +251,35 @@ def register_estimator(estimator: Estimator, *, overwrite: bool = False) -> Esti
     """
     if not isinstance(estimator, Estimator):
         raise KlestError("expected a klest.Estimator", argument="estimator", value=estimator)
-    name = estimator.name
-    if not isinstance(name, str) or not name or name != name.strip() or "," in name:
-        raise KlestError(
-            f"an estimator name must be a non-empty string without commas or surrounding spaces, "
-            f"got {name!r}",
-            argument="estimator",
-        )
-    if name.startswith(FDIV_PREFIX) or name.startswith("alpha:"):
-        raise KlestError(
-            f"{name!r}: names starting with 'fdiv:' or 'alpha:' are reserved for f-divergences "
-            "(use klest.register_divergence)",
-            argument="estimator",
-        )
+    name = _names.check_estimator_name(estimator.name)  # format, reserved, not a divergence
     if name in BUILTIN_NAMES:
         raise KlestError(f"{name!r} is a built-in estimator", argument="estimator")
-    if name in divergence_names():
-        raise KlestError(
-            f"{name!r} is a divergence name; an estimator of another name avoids confusion",
-            argument="estimator",
-        )
     if name in _REGISTRY and not overwrite:
         raise KlestError(
             f"an estimator named {name!r} exists; pass overwrite=True", argument="estimator"
         )
     get_divergence(estimator.target)  # the target must be a known divergence
-    if estimator.value is None and not estimator.batch:
-        raise KlestError("a per-sample estimator needs a value function", argument="estimator")
     if estimator.batch:
         raise KlestError(
             "whole-batch estimators are built in (k_opt); register per-sample ones",
             argument="estimator",
         )
+    if not callable(estimator.value):
+        raise KlestError(
+            f"{name!r}: a per-sample estimator needs a callable value(xp, L), got "
+            f"{type(estimator.value).__name__}",
+            argument="estimator",
+        )
+    for field in ("derivative", "value_minus_derivative"):
+        fn = getattr(estimator, field)
+        if fn is not None and not callable(fn):
+            raise KlestError(
+                f"{name!r}: {field} must be a callable (xp, L) -> array or None, got "
+                f"{type(fn).__name__}",
+                argument="estimator",
+            )
     _REGISTRY[name] = estimator
-    _KERNEL_TRIED.discard(name)
+    _names.add_estimator(name)
     return estimator
 
 
@@ -274,7 +287,20 @@ def unregister_estimator(name: str) -> None:
     """Remove a user-registered estimator (built-ins stay)."""
     if name in BUILTIN_NAMES:
         raise KlestError(f"{name!r} is a built-in estimator", argument="name")
-    _REGISTRY.pop(name, None)
+    if _REGISTRY.pop(name, None) is not None:
+        _names.discard_estimator(name)
+
+
+def is_builtin(rec: Estimator) -> bool:
+    """Whether ``rec`` computes what the built-in of its name computes (the same value function,
+    or, for k_opt, the same fit): the engine's test before it uses a kernel found by name."""
+    builtin = _REGISTRY.get(rec.name) if rec.name in BUILTIN_NAMES else None
+    return (
+        builtin is not None
+        and rec.value is builtin.value
+        and rec.batch == builtin.batch
+        and rec.cross_fit == builtin.cross_fit
+    )
 
 
 # ------------------------------------------------------------------------------- look-up
@@ -288,17 +314,6 @@ def _fdiv_record(div: FDivergence) -> Estimator:
         description=div.description or f"f(r) - f'(1)(r - 1) for {div.name}",
         value_minus_derivative=div.value_minus_slope if forms else None,
     )
-
-
-def _edit_distance_at_most_one(a: str, b: str) -> bool:
-    if a == b:
-        return True
-    if abs(len(a) - len(b)) > 1:
-        return False
-    if len(a) == len(b):
-        return sum(x != y for x, y in zip(a, b, strict=True)) == 1
-    short, long = (a, b) if len(a) < len(b) else (b, a)
-    return any(long[:i] + long[i + 1 :] == short for i in range(len(long)))
 
 
 def known_estimator_names() -> list[str]:
@@ -327,7 +342,7 @@ def get_estimator(estimator: str | FDivergence | Estimator | Callable[..., Any])
     ('chi2', False)
     """
     if isinstance(estimator, Estimator):
-        return _with_kernel(estimator)
+        return estimator
     if isinstance(estimator, FDivergence):
         return _fdiv_record(estimator)
     if callable(estimator):
@@ -340,14 +355,14 @@ def get_estimator(estimator: str | FDivergence | Estimator | Callable[..., Any])
         )
     name = estimator
     if name in _REGISTRY:
-        return _with_kernel(_REGISTRY[name])
+        return _REGISTRY[name]
     if name.startswith(FDIV_PREFIX):
         try:
             return _fdiv_record(get_divergence(name[len(FDIV_PREFIX) :]))
         except KlestError:
             raise _unknown(name) from None
     if name in divergence_names() or name.startswith("alpha:"):
-        near = [n for n in _REGISTRY if _edit_distance_at_most_one(n, name)]
+        near = _names.confusable_estimators(name)
         if near:  # one letter from a different estimator: refuse to guess
             options = " or ".join(repr(c) for c in [FDIV_PREFIX + name, *near])
             raise KlestError(
@@ -363,17 +378,18 @@ def get_estimator(estimator: str | FDivergence | Estimator | Callable[..., Any])
 
 
 def _callable_record(fn: Callable[..., Any]) -> Estimator:
-    from . import estimators as est
-
-    if fn is est.k_opt:
-        raise KlestError(
-            "pass estimator='k_opt' (or 'k_opt_crossfit'): λ is fitted over the whole "
-            "reduction, which a per-sample callable cannot do",
-            argument="estimator",
-        )
-    for name in ("k1", "k2", "k3", "forward_k1", "forward_k3"):
-        if fn is getattr(est, name):
-            return get_estimator(name)
+    """klest's per-sample functions name their record (:data:`klest._names.ESTIMATOR_TAG`, set
+    by :mod:`klest.estimators`); any other callable is wrapped as ``fn(log_ratio=L)``."""
+    tag = getattr(fn, _names.ESTIMATOR_TAG, None)
+    if isinstance(tag, str) and tag in _REGISTRY:
+        rec = _REGISTRY[tag]
+        if rec.batch:
+            raise KlestError(
+                f"pass estimator={tag!r} (or 'k_opt_crossfit'): λ is fitted over the whole "
+                "reduction, which a per-sample callable cannot do",
+                argument="estimator",
+            )
+        return rec
 
     def value(xp: Any, L: Array) -> Array:
         return fn(log_ratio=L)
@@ -381,65 +397,53 @@ def _callable_record(fn: Callable[..., Any]) -> Estimator:
     return Estimator(getattr(fn, "__name__", "custom"), "reverse_kl", value, unbiased=False)
 
 
-def _with_kernel(rec: Estimator) -> Estimator:
-    """Fill a built-in record's kernel from :mod:`klest._fast` the first time it can be used."""
-    from ._config import fast_wanted
+# ------------------------------------------------------------------------------ checking
+def check_values(
+    rec: Estimator, L: Array, values: Any, *, keep: Array | None = None, nan: bool = True
+) -> Array:
+    """``values`` if they are what ``rec``'s value function must return on ``L``; otherwise a
+    :class:`KlestError` naming the estimator.
 
-    if rec.kernel is not None or rec.batch or rec.name not in BUILTIN_NAMES:
-        return rec  # only the built-ins have compiled kernels: numba is not loaded for others
-    if rec.name in _KERNEL_TRIED:  # a record held from before the kernels were loaded
-        known = _REGISTRY.get(rec.name)
-        return known if known is not None and known.value is rec.value else rec
-    if not fast_wanted():
-        return rec
+    Checked: an array of L's library (not a Python number or a list), of L's shape exactly (no
+    broadcasting: a scalar or a dropped element is refused), of a real floating dtype at least
+    as wide as L's (an integer, complex or narrower result is refused); and, with ``nan=True``,
+    no NaN where L is not NaN (among the entries where ``keep`` is true, if given). The NaN
+    check reads every value once; it is skipped for abstract values (jax tracers).
+    """
+    if not array_api_compat.is_array_api_obj(values):
+        raise KlestError(
+            f"estimator {rec.name!r} returned {type(values).__name__}, not an array",
+            argument="estimator",
+        )
     try:
-        from . import _fast
-    except ImportError:  # pragma: no cover - the module guards its own imports
-        return rec
-    if not _fast.available():
-        return rec
-    _KERNEL_TRIED.add(rec.name)
-    kernel = _fast.KERNELS.get(rec.name)
-    if kernel is None or _REGISTRY.get(rec.name) is not rec:
-        return rec
-    rec = replace(rec, kernel=kernel)
-    _REGISTRY[rec.name] = rec
-    return rec
-
-
-def fast_kernel(rec: Estimator) -> Kernel | None:
-    """The record's kernel if compiled kernels are enabled now (``klest.options(fast=...)``);
-    otherwise, for a record whose values are a primitive of :mod:`klest._numerics` with a NumPy
-    chunk form (k3, forward_k3), that NumPy kernel (see :func:`klest._stream.numpy_kernel`)."""
-    compiled = _compiled_kernel(_with_kernel(rec))  # "auto" may have just decided to load them
-    if compiled is not None:
-        return compiled
-    kind = numpy_kind(rec)
-    if kind is None:
-        return None
-    from ._stream import numpy_kernel
-
-    return numpy_kernel(kind)
-
-
-_NUMPY_KINDS: dict[PerSample, str] = {nm.expm1mx: "expm1mx", nm.lexpl_mexpm1: "lexpl_mexpm1"}
-
-
-def numpy_kind(rec: Estimator) -> str | None:
-    """The :mod:`klest._numerics` primitive (a ``numpy_values`` kind) of a record's values."""
-    return _NUMPY_KINDS.get(rec.value) if rec.value is not None else None
-
-
-def _compiled_kernel(rec: Estimator) -> Kernel | None:
-    from ._config import fast_wanted
-
-    if rec.kernel is None or not fast_wanted():
-        return None
-    if rec.name in BUILTIN_NAMES:
-        try:
-            from . import _fast
-        except ImportError:  # pragma: no cover
-            return None
-        if not _fast.available():
-            return None
-    return rec.kernel
+        xp = array_api_compat.array_namespace(L, values)
+    except TypeError:
+        raise KlestError(
+            f"estimator {rec.name!r} returned a {type(values).__module__.split('.')[0]} array "
+            f"for a {type(L).__module__.split('.')[0]} log-ratio",
+            argument="estimator",
+        ) from None
+    shape, want = tuple(values.shape), tuple(L.shape)
+    if shape != want:
+        raise KlestError(
+            f"estimator {rec.name!r} returned shape {shape} for log-ratios of shape {want} "
+            "(one value per sample is required)",
+            argument="estimator",
+        )
+    dt = values.dtype
+    if not xp.isdtype(dt, "real floating") or xp.finfo(dt).bits < xp.finfo(L.dtype).bits:
+        raise KlestError(
+            f"estimator {rec.name!r} returned dtype {dt} for log-ratios of dtype {L.dtype} "
+            "(a real floating dtype at least as wide is required)",
+            argument="estimator",
+        )
+    if nan and not (is_traced(values) or is_traced(L)):
+        bad = xp.isnan(values) & ~xp.isnan(L)
+        if keep is not None:
+            bad = bad & keep
+        if bool(xp.any(bad)):
+            raise KlestError(
+                f"estimator {rec.name!r} returned NaN for a log-ratio that is not NaN",
+                argument="estimator",
+            )
+    return values

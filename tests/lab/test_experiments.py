@@ -405,3 +405,56 @@ def test_normal_shift_expected_for_near_equal_pairs_against_mpmath():
                     mu,
                     est,
                 )
+
+
+@pytest.mark.parametrize("suffix", [".json", ".csv"])
+def test_sweep_records_an_infinite_truth_and_goes_on(tmp_path: Path, suffix: str) -> None:
+    """KL(t_ν‖N(0, 1)) = +inf for ν <= 2 (E_q[x²] diverges): that point is recorded as +inf with
+    its reason, the sweep goes on, and a rerun resumes past it (nothing recomputed)."""
+    out = tmp_path / f"inf{suffix}"
+    args = ("student_t(nu)", "normal(0, 1)", "nu")
+    rows = sweep(*args, [1.5, 3.0], ["k1"], n=2000, seed=1, out=out)
+    inf_row, fin_row = rows
+    assert inf_row["true_value"] == math.inf and "q puts too much mass" in inf_row["truth_note"]
+    assert inf_row["bias_over_true"] is None and inf_row["stdev_over_true"] is None
+    assert math.isfinite(fin_row["true_value"]) and fin_row["truth_note"] is None
+    back = read_rows(out)  # +inf reads back as +inf, unavailable as None, in both formats
+    assert back[0]["true_value"] == math.inf and back[0]["bias_over_true"] is None
+    if suffix == ".json":
+        assert '"true_value": "inf"' in out.read_text()
+    seen: list[int] = []
+    again = sweep(
+        *args, [1.5, 3.0], ["k1"], n=2000, seed=1, out=out, on_point=lambda *a: seen.append(a[0])
+    )
+    assert seen == [] and [r["mean"] for r in again] == [r["mean"] for r in rows]
+    text = format_rows(again)
+    assert "true value +inf" in text and "E_q[log q/p] = +inf" in text
+
+
+def test_sweep_resume_compares_parsed_specs(tmp_path: Path) -> None:
+    out = tmp_path / "spaces.json"
+    sweep("normal(0,1)", "normal(mu,1)", "mu", [0.5], ["k1"], n=2000, seed=1, out=out)
+    seen: list[int] = []
+    sweep(
+        "gaussian(loc=0, scale=1.0)", "normal(mu, 1)", "mu", [0.5], ["k1"], n=2000, seed=1,
+        out=out, on_point=lambda *a: seen.append(a[0]),
+    )  # fmt: skip
+    assert seen == []
+    with pytest.raises(KlestError, match="different sweep"):
+        sweep("normal(0, 2)", "normal(mu, 1)", "mu", [0.5], ["k1"], n=2000, seed=1, out=out)
+
+
+def test_rows_differing_only_in_q_show_q() -> None:
+    rows = sweep("normal(0, s)", "normal(1, 1)", "s", [1.0, 2.0], ["k1"], n=2000, seed=1)
+    text = format_rows(rows)
+    head = text.splitlines()[0].split()
+    assert head[:2] == ["q", "p"]
+    assert "normal(0, 1)" in text and "normal(0, 2)" in text and "q per row" in text
+    assert "from normal(0, 2)" in text  # the truth sources name each pair
+
+
+def test_infinite_truth_messages_per_direction() -> None:
+    with pytest.raises(KlestError, match="q puts too much mass where p is small"):
+        compare("student_t(1.5)", "normal(0, 1)", ["k1"], n=100)
+    with pytest.raises(KlestError, match="p puts too much mass where q is small"):
+        compare("normal(0, 1)", "student_t(1.5)", ["forward_k3"], n=100)

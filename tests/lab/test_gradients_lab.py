@@ -265,3 +265,36 @@ def test_mix_never_worse_than_the_better_of_k1_and_full_beyond_the_fitting_error
     d = float(p @ ((diff - p @ diff) ** 2).sum(1))
     for delta in (0.05, -0.2):
         assert var(a_star + delta) - v_star == pytest.approx(delta**2 * d, rel=1e-8, abs=1e-13)
+
+
+def test_distance_zero_leaves_relative_errors_undefined():
+    """π = π_ref: ∇KL is exactly 0, so ‖g − 0‖/0 and the cosines are 0/0: '-', never numbers."""
+    rows, _ = gl.run_gradients(V=3, T=2, distance=0.0, off_policy=0.0, steps=0, presets=False)
+    for r in rows:
+        for k in ("relative_error_reverse_kl", "cosine_reverse_kl"):
+            assert r[k] is None, (r["option"], k, r[k])
+        assert r["relative_error_forward_kl"] is None and r["cosine_forward_kl"] is None
+    assert "0/0, undefined" in gl.format_gradient_rows(rows)
+
+
+def test_a_sampler_too_far_for_float64_is_refused():
+    model = gl.toy_model(4, 4, off_policy=100.0)
+    d = float((model.seq_logprob(model.theta) - model.seq_logprob(model.old)).abs().max())
+    assert d > gl.MAX_OFF_POLICY_LOG_RATIO  # the weights e^d (squared: e^2d) leave float64
+    with pytest.raises(gl.KlestError, match="sampler μ is too far"):
+        gl.gradient_table(model)
+
+
+def test_training_stops_an_option_whose_gradient_leaves_float64():
+    """distance 1e6: after one step π collapses, and k3's π_ref/π = e^(~1e5) is not finite; that
+    option's training stops (printed '-', with a note), the others go on; nothing is NaN."""
+    rows, hist = gl.run_gradients(V=4, T=4, distance=1e6, off_policy=0.0, steps=3, presets=False)
+    stopped = [r for r in rows if r.get("training_stopped_at") is not None]
+    assert stopped
+    for r in rows:
+        for k, v in r.items():
+            assert not (isinstance(v, float) and math.isnan(v)), (r["option"], k)
+        if r in stopped:
+            assert r["final_reverse_kl"] is None
+    assert all(math.isfinite(v) for h in hist.values() for v in h["reverse_kl"])
+    assert "training stopped at step" in gl.format_gradient_rows(rows)

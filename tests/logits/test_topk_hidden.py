@@ -98,11 +98,17 @@ def test_topk_rest_mass_is_exact_and_edge_cases():
     want = q0 * math.log(q0 / pk) + q1 * math.log(q1 / pk) + q_rest * math.log(q_rest / R)
     got = topk_kl(a, r, i, direction="forward")[0]
     assert abs(float(got) - want) < 1e-5 * want
-    # reference top-k covering everything while the policy has mass elsewhere: +inf (reverse)
+    # reference top-k summing to 1 while the policy has mass elsewhere: R_ref = 0 is not told
+    # apart from rounding, so the least probable listed token is merged with the rest (a
+    # coarser partition: a finite lower bound): outcomes {0}, {1} ∪ rest
     a64 = a.double()
     r_all = torch.log(torch.tensor([[0.5, 0.5]], dtype=F64))
-    assert topk_kl(a64, r_all, i)[0] == math.inf
-    assert math.isfinite(float(topk_kl(a64, r_all, i, direction="forward")[0]))
+    lp = torch.log_softmax(a64[0], -1)
+    p0, p_rest = float(lp[0].exp()), float(lp[1:].exp().sum())
+    want = p0 * math.log(p0 / 0.5) + p_rest * math.log(p_rest / 0.5)
+    assert abs(float(topk_kl(a64, r_all, i)[0]) - want) < 1e-12
+    want_f = 0.5 * math.log(0.5 / p0) + 0.5 * math.log(0.5 / p_rest)
+    assert abs(float(topk_kl(a64, r_all, i, direction="forward")[0]) - want_f) < 1e-12
 
 
 def test_topk_masked_positions_and_bad_input():

@@ -35,8 +35,12 @@ def data() -> dict[str, torch.Tensor]:
     a[0, 1, :5] = -math.inf  # rank 0's shard of this row is masked entirely, in both
     b[0, 1, :5] = -math.inf
     a[1, 2, 7] = b[1, 2, 7] = -math.inf  # one entry masked in both
+    a[1, 0] = -1e17  # huge magnitude: the normaliser log V must survive the merge of shards
+    a[1, 0, 7] = -1e17 + 32.0
+    b[0, 3] = -1e17
     tokens = torch.randint(0, V, (B, T), generator=g)
     tokens[0, 1] = 6
+    a2 = a + 0.01 * torch.randn(B, T, V, generator=g, dtype=torch.float64)  # same kept sets
     mask = torch.ones(B, T, dtype=torch.bool)
     mask[1, 3] = False
     r, i = torch.log_softmax(b, -1).topk(4)
@@ -45,7 +49,7 @@ def data() -> dict[str, torch.Tensor]:
     W = torch.randn(V, H, generator=g, dtype=torch.float64)
     hid_r = torch.randn(B, T, H, generator=g, dtype=torch.float64)
     W_r = torch.randn(V, H, generator=g, dtype=torch.float64)
-    return {"a": a, "b": b, "tokens": tokens, "mask": mask, "r": r, "i": i, "w": w,
+    return {"a": a, "b": b, "a2": a2, "tokens": tokens, "mask": mask, "r": r, "i": i, "w": w,
             "hid": hid, "W": W, "hid_r": hid_r, "W_r": W_r}  # fmt: skip
 
 
@@ -80,6 +84,23 @@ def cases(d: dict[str, torch.Tensor], group: object) -> dict[str, tuple]:
         lambda a: sum(kl.token_logprobs(a, d["tokens"], return_entropy=True, process_group=pg)),
         d["a"],
     )
+    for name, kw in (("k", dict(top_k=3)), ("kp", dict(top_k=4, top_p=0.8, min_p=0.01)),
+                     ("p", dict(top_p=0.7))):  # fmt: skip
+        run(
+            f"logp-{name}",
+            lambda a, kw=kw: sum(
+                kl.token_logprobs(
+                    a, d["tokens"], 0.9, mask=m, return_entropy=True, **kw, process_group=pg
+                )
+            ),
+            d["a"],
+        )
+        run(
+            f"kl-{name}",
+            lambda a, b, kw=kw: kl.full_kl(a, b, m, temperature=0.9, **kw, process_group=pg),
+            d["a"],
+            d["a2"],
+        )
     if hasattr(kl, "full_kl_from_hidden"):
         run(
             "kl-hidden",
@@ -120,6 +141,14 @@ def main() -> None:
             kl.full_kl(a, b, process_group=dist.group.WORLD)
         except KlestError as e:
             res["unequal"] = str(e)
+        # second derivatives under a vocabulary-parallel group: refused, never a wrong number
+        x = (d["a"][..., :5] if rank == 0 else d["a"][..., 5:]).clone().requires_grad_(True)
+        y = d["b"][..., :5] if rank == 0 else d["b"][..., 5:]
+        v = kl.full_kl(x, y, process_group=dist.group.WORLD).sum()
+        try:
+            torch.autograd.grad(v, x, create_graph=True)
+        except KlestError as e:
+            res["twice"] = str(e)
         torch.save(res, path)
     finally:
         dist.destroy_process_group()
@@ -180,6 +209,7 @@ def test_two_shards_equal_one_process(tmp_path):
     n = V // 2
     for r, res in enumerate(ranks):
         assert "equal size" in res.pop("unequal")  # unequal shards: refused on every rank
+        assert "second derivatives" in res.pop("twice")
         assert set(res) == set(single)
         sl = slice(r * n, (r + 1) * n)
         for name, (val, *grads) in single.items():
@@ -187,7 +217,9 @@ def test_two_shards_equal_one_process(tmp_path):
             torch.testing.assert_close(got_val, val, rtol=1e-12, atol=1e-12, msg=name)
             for gg, g in zip(got_grads, grads, strict=True):
                 want = g[sl] if g.ndim == 2 else g[..., sl]
-                torch.testing.assert_close(gg, want, rtol=1e-12, atol=1e-12, msg=name)
+                torch.testing.assert_close(
+                    gg, want, rtol=1e-12, atol=1e-12, msg=name, equal_nan=True
+                )
     # the test can fail: a shard's own softmax is not the whole-vocabulary one
     own = kl.full_kl(d["a"][..., n:], d["b"][..., n:], d["mask"])
     assert (own - single["kl-reverse"][0]).abs().max() > 1e-2

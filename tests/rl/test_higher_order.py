@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 
@@ -92,6 +93,12 @@ def test_overflowing_log_ratios_give_exact_or_infinite_gradients_never_nan(name,
                 assert got == pytest.approx(want, rel=rtol, abs=4 * tiny), (name, L, got, want)
 
 
+# Whether f(0) = +inf (the value at ref_logp = -inf is then +inf), from each f's definition: f at
+# t = 1e-100000 in mpmath is beyond 1e5 exactly for those (-log t, ½(log t)², t^-1 of α = -1);
+# the others tend to a finite limit (t log t → 0, (t - 1)² → 1, ...).
+_F_AT_ZERO_INFINITE = {n: bool(f(mpmath.mpf("1e-100000")) > 1e5) for n, (f, _) in _F.items()}
+
+
 def test_minus_infinite_reference_gives_limits_not_nan():
     """ref_logp = -inf (r = 0): every gradient is its limit (finite or ±inf), never NaN."""
     for name in sorted(_F):
@@ -99,8 +106,13 @@ def test_minus_infinite_reference_gives_limits_not_nan():
         ref = torch.tensor([[-math.inf, -1.0]], dtype=F64)
         est = "fdiv:" + name if name in ("reverse_kl", "forward_kl") else name
         for weight in ("detached", "differentiable"):
-            with pytest.warns(RuntimeWarning, match="probability 0"):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
                 out = rl.kl_per_token(lp, ref, estimator=est, gradient="as_written", weight=weight)
+            # the warning says the value is +inf there: given exactly when f(0) = +inf
+            said = any("probability 0" in str(w.message) for w in caught)
+            assert said == (_F_AT_ZERO_INFINITE[name]), (name, said)
+            assert bool(torch.isposinf(out[0, 0])) == _F_AT_ZERO_INFINITE[name], (name, out)
             (g,) = torch.autograd.grad(out.sum(), lp)
             assert not torch.isnan(g).any(), (name, weight, g)
 

@@ -8,6 +8,7 @@ enough that every clamp binds somewhere.
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 
@@ -95,7 +96,14 @@ def nemo(kind):
 
 
 def nemo_is(kind):
-    return lambda logp, ref, old: nemo(kind)(logp, ref, old) * _w(logp, old)
+    """NeMo-RL 0.6.0 (tag 5fb5889, loss_functions.py): the clamped estimate times
+    exp(curr_logprobs - generation_logprobs).detach() (with NaN/inf set to 0; finite here)."""
+
+    def f(logp, ref, old):
+        w = torch.nan_to_num(_w(logp, old).detach(), nan=0.0, posinf=0.0, neginf=0.0)
+        return nemo(kind)(logp, ref, old) * w
+
+    return f
 
 
 def nemo7(kind, importance_weight=False):
@@ -136,7 +144,7 @@ def trl_sequence(logp, ref, old, mask):
     return trl(logp, ref, old) * torch.exp(lw)[:, None]
 
 
-VERL, ORL, TRL, SLIME = "verl@0.9.1", "openrlhf@0.11.2", "trl@1.16.0", "slime@0.4.0"
+VERL, ORL, TRL, SLIME = "verl@0.9.1", "openrlhf@0.11.2", "trl@1.16.0", "slime@0.3.1"
 NEMO6, NEMO7 = "nemo_rl@0.6.0", "nemo_rl@0.7.0"
 _ALIASES = (("k1", "kl"), ("k2", "mse"), ("k3", "low_var_kl"))
 REFERENCE = {
@@ -371,3 +379,50 @@ def test_verl_token_sum_and_sum_norm_with_an_empty_row():
         rl.aggregate(x, mask, "seq-mean-token-sum-norm", horizon=50),
         (x * m).sum() / (non_empty * 50),
     )
+
+
+def test_nemo_rl_060_importance_weight_is_held_fixed():
+    """0.6.0 multiplies the clamped k3 by a detached π/π_gen: the gradient is the weight times
+    the plain estimate's gradient, with no score term; 0.7.0's weight is differentiable."""
+    lp0 = torch.tensor([[-1.0, -0.5]], dtype=torch.float64)
+    ref = torch.tensor([[-1.5, -25.0]], dtype=torch.float64)  # second token: k3 clipped to 10
+    old = lp0 - torch.tensor([[math.log(3.0), math.log(2.0)]], dtype=torch.float64)
+    plain = presets.get("nemo_rl@0.6.0:k3")
+    weighted = presets.get("nemo_rl@0.6.0:k3:importance_weight")
+    assert weighted.follows == plain.follows
+    lp = lp0.clone().requires_grad_(True)
+    v = weighted(lp, ref, old_logp=old)
+    (g,) = torch.autograd.grad(v.sum(), lp)
+    # L = ref - logp = -0.5: k3 = e^L - 1 - L, d/dlogp = 1 - e^L; w = 3. Token 2: 10 · 2, gradient 0
+    L = -0.5
+    torch.testing.assert_close(
+        v.detach(), torch.tensor([[3 * (math.exp(L) - 1 - L), 20.0]], dtype=torch.float64)
+    )
+    torch.testing.assert_close(g, torch.tensor([[3 * (1 - math.exp(L)), 0.0]], dtype=torch.float64))
+    # without old_logp the weight is 1: the plain preset exactly
+    lp = lp0.clone().requires_grad_(True)
+    (g1,) = torch.autograd.grad(weighted(lp, ref).sum(), lp)
+    lp = lp0.clone().requires_grad_(True)
+    (g2,) = torch.autograd.grad(plain(lp, ref).sum(), lp)
+    torch.testing.assert_close(g1, g2, rtol=0, atol=0)
+
+
+def test_slime_040_names_are_deprecated_aliases_of_031(recwarn):
+    assert presets.RELEASES["slime"] == ("0.3.1",)
+    assert not any(n.startswith("slime@0.4.0") for n in presets.names())
+    presets._WARNED.discard("slime@0.4.0:k2")
+    with pytest.warns(FutureWarning, match="slime@0.3.1:k2"):
+        p = presets.get("slime@0.4.0:k2")
+    assert p is presets.get("slime@0.3.1:k2") is presets.get("slime:k2")
+    recwarn.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")  # even so: once per name per process
+        assert presets.get("slime@0.4.0:k2") is p
+    assert not [w for w in recwarn if issubclass(w.category, FutureWarning)]
+    presets._WARNED.discard("slime@0.4.0:low_var_kl:unbiased_kl")
+    with pytest.warns(FutureWarning):  # another name warns once too
+        assert presets.get("slime@0.4.0:low_var_kl:unbiased_kl").name == (
+            "slime@0.3.1:low_var_kl:unbiased_kl"
+        )
+    with pytest.raises(KlestError, match="unknown preset"):
+        presets.get("slime@0.4.0:nope")

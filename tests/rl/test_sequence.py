@@ -460,3 +460,193 @@ def test_from_logits_gradient_to_a_trainable_reference_is_the_same_for_every_est
         )
         (g,) = torch.autograd.grad((prob * out.terms.sum(1)).sum(), r)
         _close(g, g_true)
+
+
+# --------------------------------------------------------------- infinities, overflow, bad input
+
+
+def _prefix_weights(d):
+    """W_{1:t} = exp(Σ_{u<=t} d_u) for t = 0..T (W_{1:0} = 1), in Python floats (math.exp)."""
+    out, acc = [1.0], 0.0
+    for x in d:
+        acc += x
+        out.append(math.exp(acc))
+    return out
+
+
+@pytest.mark.parametrize("off_policy", [False, True])
+def test_an_infinite_kl_at_one_position_leaves_the_other_gradients_finite(off_policy):
+    """KL_2 = +inf (π_ref gives some token probability 0 after y_1). Estimator "full", terms
+    value_t = W_{1:t-1} KL_t + sg(Σ_{s>t} W_{1:s-1} KL_s)·(log π_t − sg log π_t), so
+        d Σ_t terms / d logp_t = Σ_{s>t} W_{1:s-1} KL_s   (+inf for t = 1 only),
+        d Σ_t terms / d KL_t   = W_{1:t-1}                 (finite everywhere).
+    The mix adds α·Σ_{s>=t} W_{1:s} ℓ_s to the first and scales the second by 1 − α."""
+    lp = [-0.7, -0.2, -1.1, -0.4]
+    d = [0.3, -0.2, 0.5, 0.1] if off_policy else [0.0] * 4
+    ell = [0.2, -0.1, 0.4, 0.3]
+    KL = [0.3, math.inf, 0.5, 0.2]
+    W = _prefix_weights(d)
+    future = [sum(W[s] * KL[s] for s in range(t + 1, 4)) for t in range(4)]
+    G = [sum(W[s + 1] * ell[s] for s in range(t, 4)) for t in range(4)]
+    old = torch.tensor([[a - b for a, b in zip(lp, d, strict=True)]], dtype=F64)
+    ref = torch.tensor([[a - b for a, b in zip(lp, ell, strict=True)]], dtype=F64)
+    for estimator, alpha in (("full", 0.0), ("mix", 0.25)):
+        logp = torch.tensor([lp], dtype=F64, requires_grad=True)
+        kl = torch.tensor([KL], dtype=F64, requires_grad=True)
+        out = rl.sequence_kl(
+            logp,
+            ref,
+            kl=kl,
+            old_logp=old if off_policy else None,
+            estimator=estimator,
+            alpha=alpha,
+        ).terms
+        out.sum().backward()
+        a = alpha
+        want_value = [a * W[t + 1] * ell[t] + (1 - a) * W[t] * KL[t] for t in range(4)]
+        want_logp = [a * G[t] + (1 - a) * future[t] for t in range(4)]
+        want_kl = [(1 - a) * W[t] for t in range(4)]
+        assert logp.grad is not None and kl.grad is not None
+        assert not out.detach().isnan().any() and not logp.grad.isnan().any()
+        _close(out.detach(), torch.tensor([want_value], dtype=F64), 1e-12)
+        assert float(logp.grad[0, 0]) == math.inf
+        _close(logp.grad[:, 1:], torch.tensor([want_logp[1:]], dtype=F64), 1e-12)
+        _close(kl.grad, torch.tensor([want_kl], dtype=F64), 1e-12)
+        # the same gradients as with a huge finite KL_2 (they do not depend on KL_2)
+        logp2 = logp.detach().clone().requires_grad_(True)
+        kl2 = kl.detach().clone()
+        kl2[0, 1] = 1e300
+        kl2.requires_grad_(True)
+        rl.sequence_kl(
+            logp2,
+            ref,
+            kl=kl2,
+            old_logp=old if off_policy else None,
+            estimator=estimator,
+            alpha=alpha,
+        ).terms.sum().backward()
+        assert logp2.grad is not None
+        _close(logp2.grad[:, 1:], logp.grad[:, 1:], 1e-12)
+        _close(kl2.grad, kl.grad, 0.0)
+        # a loss that leaves out the infinite position's ancestors: no 0·inf anywhere
+        logp3 = logp.detach().clone().requires_grad_(True)
+        kl3 = kl.detach().clone().requires_grad_(True)
+        t3 = rl.sequence_kl(
+            logp3,
+            ref,
+            kl=kl3,
+            old_logp=old if off_policy else None,
+            estimator=estimator,
+            alpha=alpha,
+        ).terms
+        t3[:, 1:].sum().backward()
+        assert logp3.grad is not None and kl3.grad is not None
+        assert float(logp3.grad[0, 0]) == 0.0 and torch.isfinite(logp3.grad).all()
+        assert float(kl3.grad[0, 0]) == 0.0 and torch.isfinite(kl3.grad).all()
+
+
+def test_prefix_weights_past_exp_overflow_are_formed_in_log_space():
+    """log-ratios of 400 per token: W_{1:2} = e^800 and W_{1:3} = e^1200 overflow float64, but
+    the products with tiny ℓ and KL are ordinary numbers (truth: mpmath at 50 digits)."""
+    mpmath = pytest.importorskip("mpmath")
+    mpmath.mp.dps = 50
+    logp = torch.tensor([[-1e-300, -2e-300, -1e-305]], dtype=F64, requires_grad=True)
+    ref = 2 * logp.detach()  # ℓ = -logp exactly
+    old = logp.detach() - 400.0
+    kl = torch.tensor([[1e-200, 1e-300, 1e-310]], dtype=F64, requires_grad=True)
+    d = [
+        mpmath.mpf(float(a)) - mpmath.mpf(float(b))
+        for a, b in zip(logp.detach()[0], old[0], strict=True)
+    ]
+    W = [mpmath.mpf(1)]
+    for x in d:
+        W.append(W[-1] * mpmath.exp(x))
+    ell = [-mpmath.mpf(float(x)) for x in logp.detach()[0]]
+    KL = [mpmath.mpf(float(x)) for x in kl.detach()[0]]
+
+    def rel_close(got, want, rtol=1e-12):
+        for g, w in zip(got.tolist(), want, strict=True):
+            assert math.isfinite(g) and abs(mpmath.mpf(g) - w) <= rtol * abs(w), (g, w)
+
+    k1 = rl.sequence_kl(logp, ref, old_logp=old, estimator="k1").terms
+    rel_close(k1.detach()[0], [W[t + 1] * ell[t] for t in range(3)])
+    k1.sum().backward()
+    assert logp.grad is not None
+    rel_close(logp.grad[0], [sum(W[s + 1] * ell[s] for s in range(t, 3)) for t in range(3)])
+
+    logp.grad = None
+    full = rl.sequence_kl(logp, kl=kl, old_logp=old).terms
+    rel_close(full.detach()[0], [W[t] * KL[t] for t in range(3)])
+    full.sum().backward()
+    assert logp.grad is not None and kl.grad is not None
+    rel_close(logp.grad[0, :2], [sum(W[s] * KL[s] for s in range(t + 1, 3)) for t in range(2)])
+    # d/dKL_3 = W_{1:2} = e^800: beyond float64, said as +inf
+    rel_close(kl.grad[0, :2], W[:2])
+    assert float(kl.grad[0, 2]) == math.inf
+
+    seq = rl.sequence_kl(logp, kl=kl, old_logp=old, weighting="sequence").terms.detach()
+    assert float(seq[0, 0]) == math.inf  # e^1200 · 1e-200 = 1.4e321: beyond float64 indeed
+    rel_close(seq[0, 1:], [W[3] * KL[t] for t in (1, 2)])
+    # a cap: every weight above it is exactly c
+    capped = rl.sequence_kl(logp, kl=kl, old_logp=old, weight_clamp=5.0).terms.detach()
+    assert capped.tolist() == [[1e-200, 5 * 1e-300, 5 * 1e-310]]
+    # float32 inputs: W_{1:2} = e^120 overflows float32, W_{1:2}·KL_3 = 1.3e22 does not
+    lp32 = torch.tensor([[-0.5, -0.5, -0.5]])
+    kl32 = torch.tensor([[1e-3, 1e-20, 1e-30]])
+    f32 = rl.sequence_kl(lp32, kl=kl32, old_logp=lp32 - 60.0).terms
+    assert f32.dtype == torch.float32
+    want = [mpmath.exp(60 * t) * mpmath.mpf(float(x)) for t, x in enumerate(kl32[0])]
+    rel_close(f32[0], want, rtol=float(torch.finfo(torch.float32).eps))
+
+
+def test_underflowing_prefix_weights_times_an_infinite_kl_are_inf_not_nan():
+    """W_{1:2} = e^{-800} underflows to 0, but W·(+inf) is +inf (every weight is positive)."""
+    logp = torch.tensor([[-0.5, -0.4, -0.3]], dtype=F64, requires_grad=True)
+    old = logp.detach() + 400.0
+    kl = torch.tensor([[0.1, 0.2, math.inf]], dtype=F64, requires_grad=True)
+    out = rl.sequence_kl(logp, kl=kl, old_logp=old).terms
+    value = out.detach()[0].tolist()
+    assert value[0] == 0.1 and value[2] == math.inf
+    assert value[1] == pytest.approx(math.exp(-400.0) * 0.2, rel=1e-13)
+    out.sum().backward()
+    assert logp.grad is not None and kl.grad is not None
+    assert logp.grad[0].tolist() == [math.inf, math.inf, 0.0]
+    assert kl.grad[0, 0] == 1.0 and kl.grad[0, 1] == pytest.approx(math.exp(-400.0), rel=1e-13)
+    assert kl.grad[0, 2] == 0.0  # e^{-800}: below the smallest float64, rounded to 0
+
+
+def test_bad_kl_old_logp_and_weight_clamp_are_refused():
+    x = torch.zeros(2, 3)
+    for bad, what in ((math.nan, "NaN"), (-1e-3, "negative")):
+        k = x.clone()
+        k[1, 2] = bad
+        with pytest.raises(KlestError, match=what) as info:
+            rl.sequence_kl(x, kl=k)
+        assert info.value.argument == "kl"
+        # masked out: never read
+        mask = torch.ones(2, 3, dtype=torch.bool)
+        mask[1, 2] = False
+        assert float(rl.sequence_kl(x, kl=k, mask=mask).terms.abs().sum()) == 0.0
+    for name in ("old_logp", "ref_logp", "kl"):
+        kw = {"kl": x, "ref_logp": x, name: torch.zeros(2, 3, dtype=torch.int64)}
+        with pytest.raises(KlestError, match="floating dtype") as info:
+            rl.sequence_kl(x, estimator="mix", alpha=0.5, **kw)
+        assert info.value.argument == name
+    for cap in ("10", True, math.nan, 0.5, [3.0]):
+        with pytest.raises(KlestError) as info:
+            rl.sequence_kl(x, kl=x, old_logp=x, weight_clamp=cap)  # type: ignore[arg-type]
+        assert info.value.argument == "weight_clamp"
+    huge = torch.full((2, 3), 1e308, dtype=F64)
+    with pytest.raises(KlestError, match="overflows"):
+        rl.sequence_kl(-huge, kl=x.double(), old_logp=huge)
+
+
+def test_the_output_dtype_follows_every_input_old_logp_included():
+    x = torch.full((2, 3), -0.5)
+    for name in ("logp", "ref_logp", "kl", "old_logp"):
+        kw = {"logp": x, "ref_logp": x - 0.1, "kl": x.abs(), "old_logp": x + 0.1}
+        kw[name] = kw[name].double()
+        out = rl.sequence_kl(
+            kw.pop("logp"), kw.pop("ref_logp"), estimator="mix", alpha=0.5, **kw
+        ).terms
+        assert out.dtype == F64, name

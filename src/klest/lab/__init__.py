@@ -13,11 +13,11 @@ need them.
 """
 
 from ._executors import dask_executor
-from .distributions import Distribution, as_distribution
+from .distributions import Distribution
 from .engine import EstimatorResult, run, run_many
 from .experiments import compare, reproduce, sweep
-from .specs import SpecError, parse
-from .truth import Truth, register_truth, truth
+from .specs import SpecError, as_distribution, parse
+from .truth import Truth, ground_truth, register_truth
 
 __all__ = [
     "Distribution",
@@ -27,11 +27,11 @@ __all__ = [
     "as_distribution",
     "compare",
     "dask_executor",
+    "ground_truth",
     "parse",
     "register_truth",
     "reproduce",
     "run",
     "run_many",
     "sweep",
-    "truth",
 ]

@@ -1,11 +1,12 @@
 r"""Running the lab's blocks on any :class:`concurrent.futures.Executor`, and on a Dask cluster.
 
-A run of n samples is a list of independent blocks (:func:`klest.lab.engine.run_block`): block i
-draws from its own stream ``SeedSequence(seed, spawn_key=(0, i))`` and reduces to float64
-moments. A block task (:class:`BlockTask`) is a picklable object holding the distributions, the
-estimator names, the seed, the block sizes and whether compiled kernels are enabled; it can run in
-another thread, another process or on another machine. Its results are folded in block order in
-the calling process, so a given seed gives bit-identical numbers whatever executes the blocks.
+A run of n samples is a list of independent blocks: block i draws from its own stream
+``SeedSequence(seed, spawn_key=(0, i))`` and reduces to float64 moments. A block task
+(:class:`BlockTask`) is a picklable pair of a block function and its payload, handed over by the
+caller (the engine passes its own runner and plan: this module never imports the engine); it can
+run in another thread, another process or on another machine. Its results are folded in block
+order in the calling process, so a given seed gives bit-identical numbers whatever executes the
+blocks.
 
 The Dask executor of :func:`dask_executor` needs the ``klest[dask]`` extra
 (``distributed``) and an existing scheduler: ``klest compare ... --scheduler tcp://host:8786``.
@@ -16,18 +17,13 @@ a worker, the per-chunk moments would come from the NumPy formulas and differ in
 from __future__ import annotations
 
 import pickle
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import Any
 
 from klest import KlestError
-from klest._config import options
-from klest.table import BUILTIN_NAMES, FDIV_PREFIX, Estimator, fast_kernel, get_estimator
-
-if TYPE_CHECKING:
-    from .engine import BlockResult, _Plan
 
 __all__ = ["BlockTask", "block_task", "dask_executor", "executor_width"]
 
@@ -36,37 +32,23 @@ CONNECT_TIMEOUT = 5.0  # seconds to reach a scheduler before giving up
 
 @dataclass(frozen=True)
 class BlockTask:
-    """``task(i)`` runs block i of ``plan`` where it is called.
+    """``task(i)`` is ``runner(payload, i)``, run where the task is called.
 
-    The plan travels without its table records and kernels (functions chosen in the caller's
-    context); they are looked up again by name where the task runs, with compiled kernels on or off
-    as ``fast`` says. Estimators registered with :func:`klest.register_estimator` travel as
-    records (``shipped``), which must then be picklable."""
+    ``runner`` is the caller's block function (for the lab: a module-level function of the
+    engine, which pickles by reference) and ``payload`` everything it needs (the plan, the
+    ``fast`` setting, estimator records to ship); this module does not look inside either."""
 
-    plan: _Plan
-    fast: bool
-    shipped: tuple[Estimator, ...] = ()
+    runner: Callable[[Any, int], Any]
+    payload: Any
 
-    def __call__(self, index: int) -> BlockResult:
-        from .engine import run_block
-
-        by_name = {rec.name: rec for rec in self.shipped}
-        with options(fast=self.fast):
-            records = tuple(by_name.get(n) or get_estimator(n) for n in self.plan.names)
-            kernels = tuple(fast_kernel(r) for r in records)
-        return run_block(replace(self.plan, records=records, kernels=kernels), index)
+    def __call__(self, index: int) -> Any:
+        return self.runner(self.payload, index)
 
 
-def block_task(plan: _Plan, executor: Executor) -> BlockTask:
-    """The picklable task running ``plan``'s blocks on ``executor`` (checked to pickle unless
-    the executor is a thread pool)."""
-    from klest._config import get_options
-
-    registered = [r for r in plan.records if r.name not in BUILTIN_NAMES]
-    shipped = tuple(r for r in registered if not r.name.startswith(FDIV_PREFIX))
-    task = BlockTask(
-        replace(plan, records=(), kernels=()), bool(getattr(get_options(), "fast", True)), shipped
-    )
+def block_task(runner: Callable[[Any, int], Any], payload: Any, executor: Executor) -> BlockTask:
+    """The task ``i -> runner(payload, i)`` for ``executor``; unless the executor is a thread
+    pool, it is checked to pickle, with a :class:`klest.KlestError` naming ``executor`` if not."""
+    task = BlockTask(runner, payload)
     if not isinstance(executor, ThreadPoolExecutor):
         try:
             pickle.dumps(task)

@@ -7,8 +7,11 @@ also give their ``support`` and a frozen SciPy twin (``scipy()``, imported lazil
 used by quadrature. Discrete families give ``enumerate_support(tol)``: the points that carry all
 but ``tol`` of the mass, for exact sums.
 
-Users can bring their own: :func:`as_distribution` wraps a SciPy frozen distribution or a
-``torch.distributions.Distribution`` (torch is imported only when such an object is passed).
+Users can bring their own: :class:`ScipyDistribution` wraps a SciPy frozen distribution and
+:class:`TorchDistribution` a ``torch.distributions.Distribution`` (torch is imported only when
+such an object is passed); :func:`klest.lab.specs.as_distribution` picks the wrapper, or parses a
+spec string. This module builds distributions and knows nothing of the spec language (the specs
+module imports it, never the reverse).
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ __all__ = [
     "StudentT",
     "TorchDistribution",
     "Uniform",
-    "as_distribution",
+    "wrap",
 ]
 
 _LOG_2PI = math.log(2 * math.pi)
@@ -83,12 +86,41 @@ def _fmt(v: float) -> str:
     return s[:-2] if s.endswith(".0") else s
 
 
+def _lgamma_diff(a: float, b: float) -> float:
+    """log Γ(a) - log Γ(b); for arguments below 1 as log Γ(a+1) - log Γ(b+1) + log(b/a), whose
+    log(b/a) is exact where each log Γ (about -log a) is large."""
+    if a < 1.0 or b < 1.0:
+        return math.lgamma(a + 1.0) - math.lgamma(b + 1.0) + math.log(b / a)
+    return math.lgamma(a) - math.lgamma(b)
+
+
+def _gamma_log_ratio(q: tuple[float, float], p: tuple[float, float], t: np.ndarray) -> np.ndarray:
+    """L = log p(x) - log q(x) for two gamma laws (shape, rate) at x = e^t:
+    (a_p - a_q)·t + (a_p - a_q)·log b_p + a_q·log(b_p/b_q) + log Γ(a_q) - log Γ(a_p)
+    - (b_p - b_q)·e^t, with no term of the size 1/a that each log density has near 0."""
+    (aq, bq), (ap, bp) = q, p
+    t = np.asarray(t, dtype=np.float64)
+    c = (ap - aq) * math.log(bp) + aq * math.log(bp / bq) + _lgamma_diff(aq, ap)
+    out = (ap - aq) * t + c
+    if bp != bq:
+        with np.errstate(over="ignore"):
+            out = out - (bp - bq) * np.exp(t)
+    return out
+
+
+def _lbeta_diff(q: tuple[float, float], p: tuple[float, float]) -> float:
+    """log B(a_q, b_q) - log B(a_p, b_p), as three log Γ differences."""
+    (aq, bq), (ap, bp) = q, p
+    return _lgamma_diff(aq, ap) + _lgamma_diff(bq, bp) - _lgamma_diff(aq + bq, ap + bp)
+
+
 class Distribution:
     """Base class. Subclasses set ``name`` and implement ``sample`` and ``logpdf``."""
 
     name: str = "distribution"
     discrete: bool = False
     dim: int = 1  # 1 for univariate; d for a d-variate distribution
+    singular: bool = False  # log_density_t has its own formula (see log_ratio_at)
 
     def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:  # pragma: no cover
         raise NotImplementedError
@@ -149,14 +181,47 @@ class Distribution:
         with np.errstate(all="ignore"):
             return np.asarray(self.logpdf(x), dtype=np.float64)
 
-    def log_ratios(self, rng: np.random.Generator, n: int, ps: Any) -> list[np.ndarray]:
-        """n draws x ~ self and, for each p in ``ps``, L = log p(x) - log self(x) (common draws).
-        Families whose draws can fall where x is not representable (small-shape gamma and beta
-        near 0 or 1) override this to evaluate both densities in :meth:`logpdf_at` coordinates."""
-        x = self.sample(rng, n)
+    def log_ratio(self, p: Distribution, x: np.ndarray) -> np.ndarray:
+        """L(x) = log p(x) - log self(x), by default the difference of the two log densities;
+        families whose log densities share large terms that cancel in L (Poisson pairs: the
+        log x! of size x log x) override it with L's own formula."""
         with np.errstate(all="ignore"):
-            lq = np.asarray(self.logpdf(x), dtype=np.float64)
-            return [np.asarray(p.logpdf(x), dtype=np.float64) - lq for p in ps]
+            lp = np.asarray(p.logpdf(x), dtype=np.float64)
+            return lp - np.asarray(self.logpdf(x), dtype=np.float64)
+
+    def log_ratio_at(self, p: Distribution, end: float, side: float, t: np.ndarray) -> np.ndarray:
+        """L = log p(x) - log self(x) at x = end + side·e^t (the coordinate of
+        :meth:`logpdf_at`): the difference of the two ``logpdf_at``, or, where either side has
+        an x^(a-1) singularity in t-form (``singular``: a gamma or beta, or a mixture with one),
+        of the two ``log_density_t``, in which the (a - 1)·t of size 1/a that the log densities
+        share is gone. Same-family pairs override it with L's own formula."""
+        with np.errstate(all="ignore"):
+            if self.singular or p.singular:
+                lp = np.asarray(p.log_density_t(end, side, t), dtype=np.float64)
+                return lp - np.asarray(self.log_density_t(end, side, t), dtype=np.float64)
+            lp = np.asarray(p.logpdf_at(end, side, t), dtype=np.float64)
+            return lp - np.asarray(self.logpdf_at(end, side, t), dtype=np.float64)
+
+    def log_density_t(self, end: float, side: float, t: np.ndarray) -> np.ndarray:
+        """log of the density of t = log|x - end| (x = end + side·e^t): log self(x) + t. Gamma
+        and beta override it with a formula in which the x^(a-1) singularity's (a - 1)·t and
+        the Jacobian's t are one term a·t (each alone is of size 1/a near 0: 1e30 for
+        a = 1e-30, where their sum is O(1))."""
+        t = np.asarray(t, dtype=np.float64)
+        return np.asarray(self.logpdf_at(end, side, t), dtype=np.float64) + t
+
+    def t_scale(self, end: float, side: float) -> float:
+        """How far in t = log|x - end| the mass spreads toward ``end`` (1 for every family but a
+        small-shape gamma or beta, whose density in t falls like e^(a·t): 1/a)."""
+        return 1.0
+
+    def log_ratios(self, rng: np.random.Generator, n: int, ps: Any) -> list[np.ndarray]:
+        """n draws x ~ self and, for each p in ``ps``, L = log p(x) - log self(x) (common draws),
+        through :meth:`log_ratio`. Families whose draws can fall where x is not representable
+        (small-shape gamma and beta near 0 or 1) override this to draw t = log|x - end| and
+        evaluate :meth:`log_ratio_at`."""
+        x = self.sample(rng, n)
+        return [np.asarray(self.log_ratio(p, x), dtype=np.float64) for p in ps]
 
     def enumerate_support(self, tol: float = 1e-17) -> np.ndarray:
         """Discrete families: integer points holding all but ``tol`` of the mass."""
@@ -329,6 +394,12 @@ class Exponential(Distribution):
         with np.errstate(over="ignore"):
             return math.log(self.rate) - self.rate * np.exp(np.asarray(t, dtype=np.float64))
 
+    def log_ratio_at(self, p: Distribution, end: float, side: float, t: np.ndarray) -> np.ndarray:
+        pp = _gamma_params(p)
+        if pp is None or end != 0.0 or side < 0:
+            return super().log_ratio_at(p, end, side, t)
+        return _gamma_log_ratio((1.0, self.rate), pp, t)
+
     @property
     def spec(self) -> str:
         return f"exponential({_fmt(self.rate)})"
@@ -350,6 +421,7 @@ class Gamma(Distribution):
     shape: float = 1.0
     rate: float = 1.0
     name = "gamma"
+    singular = True
 
     def log_sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
         """log x for n draws: for shape a < 1 as log G(a+1) + log(U)/a (G(a) = G(a+1)·U^(1/a)),
@@ -371,9 +443,26 @@ class Gamma(Distribution):
 
     def log_ratios(self, rng: np.random.Generator, n: int, ps: Any) -> list[np.ndarray]:
         t = self.log_sample(rng, n)
-        with np.errstate(all="ignore"):
-            lq = self.logpdf_at(0.0, 1.0, t)
-            return [np.asarray(p.logpdf_at(0.0, 1.0, t), dtype=np.float64) - lq for p in ps]
+        return [np.asarray(self.log_ratio_at(p, 0.0, 1.0, t), dtype=np.float64) for p in ps]
+
+    def log_ratio_at(self, p: Distribution, end: float, side: float, t: np.ndarray) -> np.ndarray:
+        """For a gamma or exponential p, L from its own formula (:func:`_gamma_log_ratio`)."""
+        pp = _gamma_params(p)
+        if pp is None or end != 0.0 or side < 0:
+            return super().log_ratio_at(p, end, side, t)
+        return _gamma_log_ratio((self.shape, self.rate), pp, t)
+
+    def log_density_t(self, end: float, side: float, t: np.ndarray) -> np.ndarray:
+        """a·log b - log Γ(a) + a·t - b·e^t, the density of t = log x."""
+        if end != 0.0 or side < 0:
+            return super().log_density_t(end, side, t)
+        a, b = self.shape, self.rate
+        t = np.asarray(t, dtype=np.float64)
+        with np.errstate(over="ignore"):
+            return a * math.log(b) - math.lgamma(a) + a * t - b * np.exp(t)
+
+    def t_scale(self, end: float, side: float) -> float:
+        return max(1.0, 1.0 / self.shape) if end == 0.0 and side > 0 else 1.0
 
     def logpdf(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x, dtype=np.float64)
@@ -412,6 +501,7 @@ class Beta(Distribution):
     a: float = 1.0
     b: float = 1.0
     name = "beta"
+    singular = True
 
     def _log_draws(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
         """(log x, log(1 - x)) for n draws, x = G_a/(G_a + G_b) with the gamma draws taken in
@@ -429,20 +519,59 @@ class Beta(Distribution):
     def log_ratios(self, rng: np.random.Generator, n: int, ps: Any) -> list[np.ndarray]:
         lx, l1x = self._log_draws(rng, n)
         low = lx < -math.log(2.0)  # distance to 0 (t = log x) or to 1 (t = log(1 - x))
+        t0, t1 = np.where(low, lx, -1.0), np.where(low, -1.0, l1x)
+        return [
+            np.where(
+                low,
+                np.asarray(self.log_ratio_at(p, 0.0, 1.0, t0), dtype=np.float64),
+                np.asarray(self.log_ratio_at(p, 1.0, -1.0, t1), dtype=np.float64),
+            )
+            for p in ps
+        ]
+
+    def _near(self, end: float, side: float) -> tuple[float, float] | None:
+        """(the parameter of the end x = end + side·e^t approaches, the other one), or None
+        for a coordinate that is not the distance to 0 or to 1."""
+        if (end, side) == (0.0, 1.0):
+            return self.a, self.b
+        if (end, side) == (1.0, -1.0):
+            return self.b, self.a
+        return None
+
+    def log_ratio_at(self, p: Distribution, end: float, side: float, t: np.ndarray) -> np.ndarray:
+        """For a beta p (or uniform(0, 1)): (n_p - n_q)·t + (o_p - o_q)·log(1 - e^t)
+        + log B(q) - log B(p), n the parameter of the near end and o the other."""
+        pb = _beta_params(p)
+        mine = self._near(end, side)
+        if pb is None or mine is None:
+            return super().log_ratio_at(p, end, side, t)
+        theirs = pb if (end, side) == (0.0, 1.0) else (pb[1], pb[0])
+        t = np.asarray(t, dtype=np.float64)
         with np.errstate(all="ignore"):
+            ts = np.minimum(t, -1e-300)
+            out = (theirs[0] - mine[0]) * ts + _lbeta_diff((self.a, self.b), pb)
+            if theirs[1] != mine[1]:
+                out = out + (theirs[1] - mine[1]) * np.log1p(-np.exp(ts))
+        return out
 
-            def at(d: Any) -> np.ndarray:
-                return np.where(
-                    low,
-                    np.asarray(d.logpdf_at(0.0, 1.0, np.where(low, lx, -1.0))),
-                    np.asarray(d.logpdf_at(1.0, -1.0, np.where(low, -1.0, l1x))),
-                )
+    def log_density_t(self, end: float, side: float, t: np.ndarray) -> np.ndarray:
+        """n·t + (o - 1)·log(1 - e^t) - log B(a, b), the density of t = log(distance)."""
+        near = self._near(end, side)
+        if near is None:
+            return super().log_density_t(end, side, t)
+        t = np.asarray(t, dtype=np.float64)
+        with np.errstate(all="ignore"):
+            ts = np.minimum(t, -1e-300)
+            val = near[0] * ts + (near[1] - 1) * np.log1p(-np.exp(ts)) - self._lbeta()
+        return np.where(t < 0, val, -np.inf)
 
-            lq = at(self)
-            return [at(p) - lq for p in ps]
+    def t_scale(self, end: float, side: float) -> float:
+        near = self._near(end, side)
+        return 1.0 if near is None else max(1.0, 1.0 / near[0])
 
     def _lbeta(self) -> float:
-        return math.lgamma(self.a) + math.lgamma(self.b) - math.lgamma(self.a + self.b)
+        a, b = self.a, self.b
+        return _lgamma_diff(a, a + b) + math.lgamma(b)
 
     def logpdf(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x, dtype=np.float64)
@@ -603,6 +732,15 @@ class Poisson(Distribution):
         val = xs * math.log(self.rate) - self.rate - gammaln(xs + 1)
         return np.where(inside, val, -np.inf)
 
+    def log_ratio(self, p: Distribution, x: np.ndarray) -> np.ndarray:
+        """For a Poisson p: x·log(λ_p/λ_q) - (λ_p - λ_q), without the log x! both carry."""
+        if not isinstance(p, Poisson):
+            return super().log_ratio(p, x)
+        x = np.asarray(x, dtype=np.float64)
+        inside = (x >= 0) & (x == np.floor(x))
+        val = x * math.log(p.rate / self.rate) - (p.rate - self.rate)
+        return np.where(inside, val, np.nan)
+
     @property
     def spec(self) -> str:
         return f"poisson({_fmt(self.rate)})"
@@ -667,6 +805,23 @@ class Mixture(Distribution):
         ]
         with np.errstate(all="ignore"):
             return np.logaddexp.reduce(np.stack(terms), axis=0)
+
+    @property
+    def singular(self) -> bool:  # type: ignore[override]
+        return any(c.singular for c in self.components)
+
+    def log_density_t(self, end: float, side: float, t: np.ndarray) -> np.ndarray:
+        t = np.asarray(t, dtype=np.float64)
+        terms = [
+            math.log(w) + np.asarray(c.log_density_t(end, side, t), dtype=np.float64)
+            for w, c in zip(self.weights, self.components, strict=True)
+            if w > 0
+        ]
+        with np.errstate(all="ignore"):
+            return np.logaddexp.reduce(np.stack(terms), axis=0)
+
+    def t_scale(self, end: float, side: float) -> float:
+        return max(c.t_scale(end, side) for c in self.components)
 
     @property
     def spec(self) -> str:
@@ -754,6 +909,27 @@ class ScipyDistribution(Distribution):
         if twin is not None:
             return twin.logpdf_at(end, side, t)
         return super().logpdf_at(end, side, t)
+
+    @property
+    def singular(self) -> bool:  # type: ignore[override]
+        twin = _scipy_twin(self.frozen)
+        return twin is not None and twin.singular
+
+    def log_density_t(self, end: float, side: float, t: np.ndarray) -> np.ndarray:
+        twin = _scipy_twin(self.frozen)
+        if twin is not None:
+            return twin.log_density_t(end, side, t)
+        return super().log_density_t(end, side, t)
+
+    def log_ratio_at(self, p: Distribution, end: float, side: float, t: np.ndarray) -> np.ndarray:
+        twin = _scipy_twin(self.frozen)
+        if twin is not None:
+            return twin.log_ratio_at(p, end, side, t)
+        return super().log_ratio_at(p, end, side, t)
+
+    def t_scale(self, end: float, side: float) -> float:
+        twin = _scipy_twin(self.frozen)
+        return twin.t_scale(end, side) if twin is not None else 1.0
 
     def enumerate_support(self, tol: float = 1e-17) -> np.ndarray:
         if not self.discrete:
@@ -929,6 +1105,30 @@ def _scipy_twin(frozen: Any) -> Distribution | None:
     return None
 
 
+def _gamma_params(d: Distribution) -> tuple[float, float] | None:
+    """(shape, rate) of a gamma law (a gamma, an exponential, or a SciPy twin of one)."""
+    if isinstance(d, ScipyDistribution):
+        twin = _scipy_twin(d.frozen)
+        return None if twin is None else _gamma_params(twin)
+    if isinstance(d, Gamma):
+        return d.shape, d.rate
+    if isinstance(d, Exponential):
+        return 1.0, d.rate
+    return None
+
+
+def _beta_params(d: Distribution) -> tuple[float, float] | None:
+    """(a, b) of a beta law (a beta, uniform(0, 1), or a SciPy twin of one)."""
+    if isinstance(d, ScipyDistribution):
+        twin = _scipy_twin(d.frozen)
+        return None if twin is None else _beta_params(twin)
+    if isinstance(d, Beta):
+        return d.a, d.b
+    if isinstance(d, Uniform) and (d.low, d.high) == (0.0, 1.0):
+        return 1.0, 1.0
+    return None
+
+
 def _float64_twin(dist: Any) -> Any:
     """``dist`` rebuilt from its parameters in float64 (same type, same law), or ``dist``
     itself where it is float64 already or cannot be rebuilt so."""
@@ -948,19 +1148,12 @@ def _float64_twin(dist: Any) -> Any:
         return dist
 
 
-def as_distribution(obj: Any, *, variables: dict[str, float] | None = None) -> Distribution:
-    """A :class:`Distribution` from a spec string, a Distribution, a SciPy frozen distribution
-    or a torch.distributions object.
-
-    >>> as_distribution("normal(0.1, 1)")
-    normal(0.1, 1)
-    """
+def wrap(obj: Any) -> Distribution:
+    """A :class:`Distribution` for a Distribution (itself), a SciPy frozen distribution or a
+    torch.distributions object; a spec string is the spec module's to read
+    (:func:`klest.lab.specs.as_distribution`)."""
     if isinstance(obj, Distribution):
         return obj
-    if isinstance(obj, str):
-        from .specs import parse
-
-        return parse(obj, variables=variables)
     if hasattr(obj, "dist") and hasattr(obj, "rvs") and hasattr(obj, "args"):
         return ScipyDistribution(obj)
     module = type(obj).__module__

@@ -4,20 +4,30 @@ The n samples are cut into fixed blocks of :data:`BLOCK` samples; block ``i`` dr
 NumPy stream ``SeedSequence(seed, spawn_key=(0, i))``, in chunks of :data:`CHUNK` samples that stay
 in cache. Each chunk's per-sample values are reduced to float64 moments (mean and centred sum of
 squares, two passes over the cached chunk) plus their maximum and minimum; chunks and blocks are
-merged in order with Chan's formula (:meth:`klest.Moments.combine`). Blocks run on worker threads
-(NumPy releases the GIL inside ufuncs), and because the blocks, their streams and the merge order
-do not depend on the number of workers, a given seed gives bit-identical results whatever
-``workers`` is. Memory is a few chunk buffers per worker, whatever n.
+merged in order with Chan's formula. Blocks run on worker threads (NumPy releases the GIL inside
+ufuncs), or on any executor (:mod:`klest.lab._executors`, handed :func:`run_block`'s shipped form),
+and because the blocks, their streams and the merge order do not depend on the number of workers,
+a given seed gives bit-identical results whatever ``workers`` or executor. Memory is a few chunk
+buffers per worker, whatever n.
+
+**Values beyond float64's squares.** Sums of squares are carried with a power-of-two scale
+(:mod:`klest.lab._scaled`), so that values up to float64's limit (|L| ≈ 1e160 for p = N(0, 1e-80))
+give their finite stdev; +inf only where the stdev itself exceeds float64.
 
 Per-sample values come from the estimator table (:mod:`klest.table`: the same functions as
-:func:`klest.estimate`), or from its compiled kernels when ``klest[fast]`` is installed; chunks
-are reduced and merged by the streaming engine (:mod:`klest._stream`). When q and every p are
-normal and every requested estimator has a kernel, a fused loop (``klest._fast.quadratic_moments``)
-forms L = A z² + B z + C on the fly from the standard normal draws z.
+:func:`klest.estimate`), or from compiled kernels when ``klest[fast]`` is installed and on
+(:func:`klest._stream.kernel_for`). When q and every p are normal and every per-sample estimator is
+a built-in of :data:`FUSED_NAMES`, one compiled pass (``klest._fast.quadratic_lab``) forms
+L = A z² + B z + C on the fly from the standard normal draws z, computes k3 (and e^L) once for
+k3, forward_k3 and k_opt, and accumulates the moments and k_opt's co-moments of a whole block in
+one running state. Under ``fast="auto"`` a run claims its work (:data:`WORK_PER_DRAW`); the first
+run that loads the kernels does so on a thread of its own while its blocks draw their normals
+ahead (at most one block per worker), which hides part of numba's load.
 
 The optimal-λ estimator -L + λ̂(r - 1), with λ̂ = Cov(L, r)/Var(r) fitted on all n samples (the
 core's ``k_opt``), is reduced exactly from the streamed co-moments of (L, k3, e = expm1(L))
-merged with Chan's formula (:func:`klest._stream.kopt_values`), as :func:`klest.estimate` does.
+merged with Chan's formula (:func:`klest.lab._scaled.kopt_values`), as :func:`klest.estimate`
+does; compiled (``klest._fast.kopt_comoments`` off the normal pair) where the kernels are on.
 
 **Heavy tails.** Each result carries ``max_share``, the share of the largest single squared
 deviation in the sum of squares, max_i (v_i - v̄)² / Σ_i (v_i - v̄)². For i.i.d. values it tends to
@@ -32,21 +42,29 @@ like in a finite sample.
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import sys
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from klest import KlestError, Moments, _stream
-from klest._config import claim_fast, fast_wanted, get_options, options
+from klest._config import claim_fast, get_options, options
 from klest._numerics import LAB_SERIES_RADIUS, numpy_values
+from klest._stream import kernel_for, numpy_kind
 from klest.estimators import _k_lambda
-from klest.table import Estimator, fast_kernel, get_estimator, numpy_kind
+from klest.table import BUILTIN_NAMES, FDIV_PREFIX, Estimator, get_estimator, is_builtin
 
+from . import _scaled
 from . import distributions as D
+from ._executors import block_task, executor_width
+from ._scaled import Comoments, ScaledMoments
+from .specs import as_distribution
 
 __all__ = [
     "BLOCK",
@@ -71,12 +89,17 @@ def max_share_limit(n: float) -> float:
 
 @dataclass(frozen=True)
 class EstimatorResult:
-    """Streamed statistics of one estimator's per-sample values."""
+    """Streamed statistics of one estimator's per-sample values.
+
+    ``moments.m2`` is the centred sum of squares as a float (+inf where it exceeds float64);
+    ``scaled_m2`` = (m, e) holds it exactly as m·4^e, from which ``std`` and ``stderr`` are
+    taken (finite wherever the stdev itself is: :mod:`klest.lab._scaled`)."""
 
     name: str
     moments: Moments
     max_share: float
     lam: float | None = None  # λ̂ for k_opt
+    scaled_m2: tuple[float, int] | None = None
 
     @property
     def n(self) -> int:
@@ -88,11 +111,17 @@ class EstimatorResult:
 
     @property
     def std(self) -> float:
-        return self.moments.std(1)
+        """The per-sample stdev (ddof 1)."""
+        if self.scaled_m2 is None:
+            return self.moments.std(1)
+        m, e = self.scaled_m2
+        return ScaledMoments(self.moments.n, self.moments.mean, m, e).std(1)
 
     @property
     def stderr(self) -> float:
-        return self.moments.stderr(1)
+        """The Monte Carlo standard error of the mean, std/√n."""
+        n = self.moments.n
+        return self.std / math.sqrt(n) if n > 0 else math.nan
 
     @property
     def reliable(self) -> bool:
@@ -165,49 +194,172 @@ class _Plan:
     q: D.Distribution
     targets: tuple[D.Distribution, ...]
     names: tuple[str, ...]  # per-sample estimators (table names)
-    pair: bool  # whether k_opt's pair moments of (L, expm1(L)) are wanted
+    pair: bool  # whether k_opt's co-moments of (L, k3, expm1(L)) are wanted
     seed: int
     sizes: tuple[int, ...]
     chunk: int
-    fused: bool = False  # normal q and p, every name kernelled: klest._fast.quadratic_moments
+    fused: bool = False  # normal q and p, built-in names: klest._fast.quadratic_lab
+    compiled: bool = False  # compiled kernels on: k_opt's co-moments by klest._fast too
     records: tuple[Estimator, ...] = field(default=(), compare=False)
     kernels: tuple[Any, ...] = field(default=(), compare=False)  # chosen in the caller's context
 
 
 @dataclass(frozen=True)
 class BlockResult:
-    """One block's moments, per target j: ``values[j][name]``, and for k_opt the pair moments
-    ``pairs[j]`` of (L, expm1(L)) over L > -inf and ``spans[j]`` (count and extremes of L)."""
+    """One block's moments, per target j: ``values[j][name]``, and for k_opt the co-moments
+    ``pairs[j]`` of (L, k3, expm1(L)) over L > -inf and ``spans[j]`` (the extremes of L)."""
 
     n: int
-    values: tuple[dict[str, _stream.Partial], ...]
-    pairs: tuple[_stream.KoptPartial, ...]
-    spans: tuple[_stream.Partial, ...]
+    values: tuple[dict[str, ScaledMoments], ...]
+    pairs: tuple[Comoments, ...]
+    spans: tuple[tuple[float, float], ...]
 
 
 def _coefficients(plan: _Plan) -> np.ndarray:
     return np.array([_normal_coefficients(plan.q, p) for p in plan.targets])  # type: ignore[arg-type]
 
 
+# The compiled kernels are loaded (numba imported, the lab's kernel read from numba's cache) on a
+# thread of their own, while the blocks of a fused run draw their normals ahead (whole blocks, in
+# one call each: NumPy's generator releases the GIL); the kernels then reduce the same draws in
+# the same chunks, so the numbers do not depend on when the loading ends.
+_LOADED = threading.Event()
+_LOADING = threading.Lock()
+_loader: list[threading.Thread] = []
+_load_failed: list[BaseException] = []
+
+
+def _load_kernels() -> None:
+    try:
+        from klest import _fast  # numba: only once a job asks for the compiled kernels
+
+        _fast.quadratic_lab(np.zeros(1), np.zeros((1, 3)), ("k1",), True)
+    except Exception as e:  # pragma: no cover - numba installed but unusable: NumPy instead
+        _load_failed.append(e)
+    finally:
+        _LOADED.set()
+
+
+def _start_loading() -> None:
+    """Start loading the compiled kernels (once per process) if that has not begun."""
+    with _LOADING:
+        if not _loader and not _LOADED.is_set():
+            t = threading.Thread(target=_load_kernels, name="klest-load", daemon=True)
+            _loader.append(t)
+            t.start()
+
+
+def _fast_module() -> Any:
+    """:mod:`klest._fast` once loaded (waiting for the loader), None if it failed."""
+    _start_loading()
+    _LOADED.wait()
+    if _load_failed:
+        return None
+    from klest import _fast  # already imported by the loader
+
+    return _fast
+
+
 def run_block(plan: _Plan, index: int) -> BlockResult:
     """Draw block ``index`` from its own stream ``SeedSequence(seed, spawn_key=(0, index))`` and
-    reduce every estimator on every target, chunk by chunk (merged in order)."""
-    rng = np.random.default_rng(np.random.SeedSequence(plan.seed, spawn_key=(0, index)))
+    reduce every estimator on every target, chunk by chunk (merged in order).
+
+    Moments the compiled kernels could not hold although the values are finite (sums of squares
+    beyond float64, a sum that overflowed, k_opt's co-moments flagged by the kernel) are taken
+    again from the values by NumPy with a power-of-two scale (:mod:`klest.lab._scaled`): per
+    chunk on the generic path, per block (the same draws, drawn again) on the fused one."""
+    fast = None
+    ahead: np.ndarray | None = None
+    if plan.fused or plan.compiled:
+        _start_loading()
+        if plan.fused and not _LOADED.is_set():  # draw the whole block while the kernels load
+            ahead = np.empty(plan.sizes[index])
+            _block_rng(plan, index).standard_normal(out=ahead)
+        fast = _fast_module()
+    if plan.fused and fast is not None:
+        res, redo = _fused_block(plan, index, fast, ahead)
+        if not redo:
+            return res
+        again = _generic_block(plan, index, None, only=redo)  # NumPy, scaled
+        values = tuple(
+            {name: again.values[j][name] if (j, name) in redo else v for name, v in vals.items()}
+            for j, vals in enumerate(res.values)
+        )
+        pairs = tuple(again.pairs[j] if (j, "") in redo else p for j, p in enumerate(res.pairs))
+        spans = tuple(again.spans[j] if (j, "") in redo else s for j, s in enumerate(res.spans))
+        return BlockResult(res.n, values, pairs, spans)
+    return _generic_block(plan, index, fast)
+
+
+def _block_rng(plan: _Plan, index: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence(plan.seed, spawn_key=(0, index)))
+
+
+def _fused_block(
+    plan: _Plan, index: int, fast: Any, ahead: np.ndarray | None
+) -> tuple[BlockResult, set[tuple[int, str]]]:
+    """One block of a normal pair by :func:`klest._fast.quadratic_lab`, its running state
+    carried from chunk to chunk (the same sums whether the draws were made ahead or not), and
+    the (target, name) pairs to take again by NumPy ("" for k_opt's co-moments)."""
+    size = plan.sizes[index]
+    coefs = _coefficients(plan)
+    state = fast.lab_state(len(plan.targets), len(plan.names))
+    rng = _block_rng(plan, index)
+    z_buf = np.empty(min(plan.chunk, size)) if ahead is None else None
+    mom = co = None
+    for done in range(0, size, plan.chunk):
+        k = min(plan.chunk, size - done)
+        if ahead is not None:
+            z = ahead[done : done + k]
+        else:  # drawn into one reused buffer: the same stream, no page faults
+            z = z_buf[:k]  # type: ignore[index]
+            rng.standard_normal(out=z)
+        mom, co = fast.quadratic_lab(z, coefs, plan.names, plan.pair, state)
+    assert mom is not None and co is not None
+    redo: set[tuple[int, str]] = set()
+    values, pairs, spans = [], [], []
+    for j in range(len(plan.targets)):
+        vals = {}
+        for i, name in enumerate(plan.names):
+            mean, m2, lo, hi = (float(x) for x in mom[j, i])
+            if not (math.isfinite(mean) and math.isfinite(m2)) and math.isfinite(lo + hi):
+                redo.add((j, name))  # finite values whose sums overflowed
+            vals[name] = ScaledMoments.make(float(size), mean, m2, lo, hi)
+        values.append(vals)
+        if plan.pair and co[j, 11]:
+            redo.add((j, ""))
+        pairs.append(_comoments(co[j]) if plan.pair else Comoments())
+        spans.append((float(co[j, 12]), float(co[j, 13])) if plan.pair else (math.inf, -math.inf))
+    return BlockResult(size, tuple(values), tuple(pairs), tuple(spans)), redo
+
+
+def _generic_block(
+    plan: _Plan, index: int, fast: Any, only: set[tuple[int, str]] | None = None
+) -> BlockResult:
+    """One block by the sampler, chunk by chunk: per-sample values by the plan's kernels (or
+    the table's NumPy formulas), k_opt's co-moments by :func:`klest._fast.kopt_comoments` when
+    ``fast`` is the compiled module, else NumPy. ``only``: just these (target, name) pairs
+    ("" for k_opt), by NumPy (the fused path's fallback)."""
+    rng = _block_rng(plan, index)
     size = plan.sizes[index]
     records = plan.records or tuple(get_estimator(n) for n in plan.names)
-    kernels = plan.kernels or (None,) * len(records)
-    sampler = log_ratio_sampler(plan.q, plan.targets)
+    kernels = (None,) * len(records) if only is not None else plan.kernels
+    kernels = kernels or (None,) * len(records)
     m = len(plan.targets)
-    values = [{name: _stream.Partial() for name in plan.names} for _ in range(m)]
-    pairs = [_stream.KoptPartial() for _ in range(m)]
+    values = [{name: ScaledMoments() for name in plan.names} for _ in range(m)]
+    pairs = [Comoments() for _ in range(m)]
+    spans = [(math.inf, -math.inf)] * m
     kinds = tuple(numpy_kind(r) for r in records)
     vbuf = np.empty(plan.chunk)
+
+    def wanted(j: int, name: str) -> bool:
+        return only is None or (j, name) in only
 
     def lab_values(rec: Estimator, kind: str | None, L: np.ndarray) -> np.ndarray:
         """The record's values on L (float64), to LAB_RTOL relative for the series kinds."""
         if kind is None or L.dtype != np.float64 or L.ndim != 1:
             v = np.asarray(rec.values(_NPX, L), dtype=np.float64).reshape(-1)
-            # chunk_moments overwrites its input: copy only values that share L's memory
+            # chunk() overwrites its input: copy only values that share L's memory
             return v.copy() if np.may_share_memory(v, L) else v
         return numpy_values(kind, L, vbuf[: L.size], radius=LAB_SERIES_RADIUS)
 
@@ -216,46 +368,76 @@ def run_block(plan: _Plan, index: int) -> BlockResult:
     def k3(L: np.ndarray) -> np.ndarray:
         return lab_values(k3_record, "expm1mx", L.reshape(-1)).reshape(L.shape)
 
-    spans = [_stream.Partial() for _ in range(m)]
-    coefs = _coefficients(plan) if plan.fused else None
+    sampler = log_ratio_sampler(plan.q, plan.targets)
     done = 0
-    z_buf = np.empty(min(plan.chunk, size)) if coefs is not None else None
     with np.errstate(all="ignore"), options(validate=False):
         while done < size:
             k = min(plan.chunk, size - done)
-            if z_buf is not None and coefs is not None:
-                from klest import _fast
-
-                z = z_buf[:k]  # drawn into one reused buffer: the same stream, no page faults
-                rng.standard_normal(out=z)
-                fused = _fast.quadratic_moments(z, coefs, plan.names)
-                for j in range(m):
-                    for i, name in enumerate(plan.names):
-                        mean, m2, lo, hi = (float(x) for x in fused[j, i])
-                        values[j][name] = values[j][name].merge(
-                            _stream.Partial(float(k), mean, m2, lo, hi)
-                        )
-                Ls = [(z * A + B) * z + C for A, B, C in coefs] if plan.pair else []
-            else:
-                Ls = sampler(rng, k)
-                for j, L in enumerate(Ls):
-                    for name, rec, kind, kernel in zip(
-                        plan.names, records, kinds, kernels, strict=True
-                    ):
-                        if kernel is not None and kernel not in _stream.NUMPY_KERNELS:
-                            mean, m2, lo, hi = kernel(L)
-                            part = _stream.Partial(float(k), mean, m2, lo, hi)
-                        else:  # chunk_moments overwrites the values: vbuf or a fresh array
-                            part = _stream.chunk_moments(lab_values(rec, kind, L))
-                        values[j][name] = values[j][name].merge(part)
-            if plan.pair:
-                for j, L in enumerate(Ls):
-                    lo, hi = float(np.minimum.reduce(L)), float(np.maximum.reduce(L))
-                    spans[j] = spans[j].merge(_stream.Partial(float(k), 0.0, 0.0, lo, hi))
-                    (p,) = _stream.kopt_moments(L.reshape(1, -1), None, k3)
-                    pairs[j] = pairs[j].merge(p)
+            for j, L in enumerate(sampler(rng, k)):
+                for i, name in enumerate(plan.names):
+                    if not wanted(j, name):
+                        continue
+                    kernel, rec, kind = kernels[i], records[i], kinds[i]
+                    if kernel is not None and kernel not in _stream.NUMPY_KERNELS:
+                        mean, m2, lo, hi = (float(x) for x in kernel(L))
+                        if not (math.isfinite(mean) and math.isfinite(m2)) and math.isfinite(
+                            lo + hi
+                        ):  # finite values whose sums overflowed: NumPy, scaled
+                            part = _scaled.chunk(lab_values(rec, kind, L))
+                        else:
+                            part = ScaledMoments.make(float(k), mean, m2, lo, hi)
+                    else:  # chunk() overwrites the values: vbuf or a fresh array
+                        part = _scaled.chunk(lab_values(rec, kind, L))
+                    values[j][name] = values[j][name].merge(part)
+                if not (plan.pair and wanted(j, "")):
+                    continue
+                lo, hi = float(np.minimum.reduce(L)), float(np.maximum.reduce(L))
+                spans[j] = (min(spans[j][0], lo), max(spans[j][1], hi))
+                res = None
+                if fast is not None and L.dtype == np.float64 and L.ndim == 1:
+                    res = fast.kopt_comoments(L)
+                if res is not None and not res[11]:
+                    pairs[j] = pairs[j].merge(_comoments(res))
+                else:
+                    pairs[j] = pairs[j].merge(_scaled.co_chunk(L.reshape(-1), k3))
             done += k
     return BlockResult(size, tuple(values), tuple(pairs), tuple(spans))
+
+
+def _comoments(r: np.ndarray) -> Comoments:
+    """A :class:`Comoments` from :data:`klest._fast.KOPT_FIELDS`-ordered numbers."""
+    if not r[0]:
+        return Comoments(n_inf=float(r[10]))
+    mean = (float(r[1]), float(r[2]), float(r[3]))
+    return Comoments.make(float(r[0]), mean, tuple(float(x) for x in r[4:10]), n_inf=float(r[10]))
+
+
+@dataclass(frozen=True)
+class _Shipment:
+    """A plan sent to another process or machine: without its table records and kernels
+    (functions chosen in the caller's context), which :func:`_run_shipped` looks up again by name
+    where it runs, with compiled kernels on or off as ``fast`` says. Estimators registered with
+    :func:`klest.register_estimator` travel as records (``shipped``), which must then pickle."""
+
+    plan: _Plan
+    fast: bool
+    shipped: tuple[Estimator, ...] = ()
+
+
+def _shipment(plan: _Plan, fast: bool) -> _Shipment:
+    registered = [r for r in plan.records if r.name not in BUILTIN_NAMES]
+    shipped = tuple(r for r in registered if not r.name.startswith(FDIV_PREFIX))
+    return _Shipment(replace(plan, records=(), kernels=()), bool(fast), shipped)
+
+
+def _run_shipped(shipment: _Shipment, index: int) -> BlockResult:
+    """Block ``index`` of a shipped plan (the executors' block function)."""
+    by_name = {rec.name: rec for rec in shipment.shipped}
+    with options(fast=shipment.fast):
+        records = tuple(by_name.get(n) or get_estimator(n) for n in shipment.plan.names)
+        kernels = () if shipment.plan.fused else tuple(kernel_for(r) for r in records)
+        plan = replace(shipment.plan, records=records, kernels=kernels)
+    return run_block(plan, index)
 
 
 def _npx() -> Any:
@@ -330,8 +512,8 @@ def run_many(
     numbers: each target's estimate is exactly what :func:`run` returns for it with this seed).
     ``executor``: as in :func:`run`.
     """
-    q = D.as_distribution(q)
-    targets = [D.as_distribution(p) for p in ps]
+    q = as_distribution(q)
+    targets = [as_distribution(p) for p in ps]
     names = list(dict.fromkeys(estimators))
     if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n <= 0:
         raise KlestError(f"n must be a positive integer, got {n!r}", argument="n")
@@ -353,7 +535,11 @@ def run_many(
 
     per_sample = tuple(name for name in names if not records[name].batch)
     recs = tuple(records[name] for name in per_sample)
-    use_fast = claim_fast(n * len(targets) * max(len(per_sample), 1))  # "auto": klest.options
+    use_fast = claim_fast(n * len(targets) * _work_per_draw(names))  # "auto": klest.options
+    compiled = use_fast and _numba_installed()
+    fused = compiled and _fusable(q, targets, recs)
+    if fused:  # the loading of numba overlaps the first blocks' draws (see run_block)
+        _start_loading()
     with options(fast=use_fast):
         plan = _Plan(  # klest.options; the kernels are chosen here, in the caller's context
             q,
@@ -363,9 +549,10 @@ def run_many(
             int(seed),
             tuple(min(block, n - s) for s in range(0, n, block)),
             chunk,
-            fused=_fusable(q, targets, recs),
+            fused=fused,
+            compiled=compiled,
             records=recs,
-            kernels=tuple(fast_kernel(r) for r in recs),
+            kernels=() if fused else tuple(kernel_for(r) for r in recs),
         )
     done = 0
 
@@ -377,32 +564,54 @@ def run_many(
 
     task: Callable[[int], BlockResult] = lambda i: run_block(plan, i)  # noqa: E731
     if executor is not None:
-        from ._executors import block_task, executor_width
-
-        with options(fast=use_fast):
-            task, workers = block_task(plan, executor), executor_width(executor, workers)
+        task = block_task(_run_shipped, _shipment(plan, use_fast), executor)
+        workers = executor_width(executor, workers)
     results = _stream.ordered_map(task, range(len(plan.sizes)), workers, report, executor)
     out = []
     for j in range(len(targets)):
-        values = {name: _stream.finish([r.values[j][name] for r in results]) for name in per_sample}
-        pair, span = _stream.KoptPartial(), _stream.Partial()
+        values = {}
+        for name in per_sample:
+            acc = ScaledMoments()
+            for r in results:  # in block order: the result ignores how the blocks ran
+                acc = acc.merge(r.values[j][name])
+            values[name] = acc
+        pair = Comoments()
+        lo, hi = math.inf, -math.inf
         for r in results:
             pair = pair.merge(r.pairs[j])
-            span = span.merge(r.spans[j])
-        out.append(_merge(names, values, pair, span))
+            lo, hi = min(lo, r.spans[j][0]), max(hi, r.spans[j][1])
+        out.append(_merge(names, values, pair, (lo, hi)))
     return out
 
 
+#: The estimators of the fused normal pass (:func:`klest._fast.quadratic_lab`; checked against
+#: ``klest._fast.CODES`` by the tests), named here so that deciding on it does not import numba.
+FUSED_NAMES = frozenset({"k1", "k2", "k3", "forward_k1", "forward_k3"})
+
+#: What one draw costs per target and estimator on the NumPy path, counted for the "auto" rule
+#: of ``klest.options(fast=...)`` (:func:`klest._config.claim_fast`) in units of one simple value
+#: (k1, k2, k3 and others: 1): forward_k3 and k_opt save about 4 and 7 times as much time once
+#: compiled (their NumPy forms take series, exponentials and co-moments; measured with
+#: benchmarks/bench_lab.py's work on 2 threads). The seed's experiment at its default size
+#: (1e7 draws, 2 targets, k1, k2, k3, forward_k3, k_opt: 2.8e8) thus loads the kernels, as the
+#: time they save (about 1 s) is well above their load (about 0.4 s); ``--n 1000`` does not.
+WORK_PER_DRAW = {"forward_k3": 4.0, "k_opt": 7.0}
+
+
+def _work_per_draw(names: Sequence[str]) -> float:
+    return max(sum(WORK_PER_DRAW.get(name, 1.0) for name in names), 1.0)
+
+
+def _numba_installed() -> bool:
+    """Whether numba can be imported (asked without importing it)."""
+    return "numba" in sys.modules or importlib.util.find_spec("numba") is not None
+
+
 def _fusable(q: D.Distribution, targets: Sequence[D.Distribution], recs: Sequence[Any]) -> bool:
-    if not recs or type(q) is not D.Normal or any(type(p) is not D.Normal for p in targets):
+    """Normal q and targets, every per-sample estimator a built-in of the fused pass."""
+    if type(q) is not D.Normal or any(type(p) is not D.Normal for p in targets):
         return False
-    if any(fast_kernel(r) is None for r in recs) or not fast_wanted():
-        return False
-    try:
-        from klest import _fast
-    except ImportError:  # pragma: no cover
-        return False
-    return bool(_fast.available()) and all(r.name in _fast.KERNELS for r in recs)
+    return all(r.name in FUSED_NAMES and is_builtin(r) for r in recs)
 
 
 def _check_names(names: list[str]) -> dict[str, Estimator]:
@@ -420,20 +629,25 @@ def _check_names(names: list[str]) -> dict[str, Estimator]:
     return out
 
 
-def _share(mom: Moments, vmax: float, vmin: float) -> float:
-    if not (math.isfinite(mom.m2) and math.isfinite(vmax) and math.isfinite(vmin)):
+def _share(acc: ScaledMoments, vmax: float, vmin: float) -> float:
+    """The largest squared deviation's share of the sum of squares (1 where not finite)."""
+    if not (math.isfinite(acc.mean) and math.isfinite(vmax) and math.isfinite(vmin)):
         return 1.0
-    if mom.m2 <= 0:
-        return 0.0
-    dev = max(vmax - mom.mean, mom.mean - vmin)
-    return min(1.0, dev * dev / mom.m2)
+    dev = max(vmax - acc.mean, acc.mean - vmin)
+    return acc.share(dev)
+
+
+def _result(name: str, acc: ScaledMoments, share: float, lam: float | None = None) -> Any:
+    return EstimatorResult(
+        name, Moments(acc.n, acc.mean, acc.total_m2), share, lam, (acc.m2, acc.e)
+    )
 
 
 def _merge(
     names: list[str],
-    values: dict[str, _stream.Partial],
-    pair: _stream.KoptPartial,
-    span: _stream.Partial,
+    values: dict[str, ScaledMoments],
+    pair: Comoments,
+    span: tuple[float, float],
 ) -> dict[str, EstimatorResult]:
     out: dict[str, EstimatorResult] = {}
     for name in names:
@@ -441,32 +655,30 @@ def _merge(
             out[name] = _k_opt(pair, span)
             continue
         p = values[name]
-        mom = Moments(p.n, p.mean, p.m2)
-        out[name] = EstimatorResult(name, mom, _share(mom, p.vmax, p.vmin))
+        out[name] = _result(name, p, _share(p, p.vmax, p.vmin))
     return out
 
 
-def _k_opt(pair: _stream.KoptPartial, span: _stream.Partial) -> EstimatorResult:
-    """k_opt's moments from the co-moments of (L, k3, r - 1) (:func:`klest._stream.kopt_values`),
-    with λ̂ = Cov(L, r)/Var(r) fitted on all samples; ``span`` holds L's extremes.
+def _k_opt(pair: Comoments, span: tuple[float, float]) -> EstimatorResult:
+    """k_opt's moments from the co-moments of (L, k3, r - 1) (:func:`klest.lab._scaled.
+    kopt_values`), with λ̂ = Cov(L, r)/Var(r) fitted on all samples; ``span`` holds L's extremes.
 
     The values h(L) = λ̂·expm1(L) - L are a function of L alone, convex for λ̂ > 0 and monotone
     otherwise, so their largest value is h at the smallest or largest L, and their smallest is at
     least h(-log λ̂) (λ̂ > 0) or h at an end: ``max_share`` is exact on the maximum side and an
     upper bound on the other."""
     lam = pair.lam
-    p = _stream.kopt_values(pair, lam)
-    mom = Moments(p.n, p.mean, p.m2)
+    p = _scaled.kopt_values(pair, lam)
     if not (math.isfinite(p.mean) and math.isfinite(p.m2)):
-        return EstimatorResult("k_opt", mom, 1.0, lam if math.isfinite(p.mean) else math.nan)
+        return _result("k_opt", p, 1.0, lam if math.isfinite(p.mean) else math.nan)
 
     def h(L: float) -> float:  # the core's k_opt value at one L (no overflow, no cancellation)
         with np.errstate(all="ignore"):
             return float(_k_lambda(_NPX, np.array([L]), lam)[0])
 
-    l_min, l_max = span.vmin, span.vmax
+    l_min, l_max = span
     ends = (h(l_min), h(l_max))
     vmax, vmin = max(ends), min(ends)
     if lam > 0 and l_min < -math.log(lam) < l_max:
         vmin = h(-math.log(lam))
-    return EstimatorResult("k_opt", mom, _share(mom, vmax, vmin), lam)
+    return _result("k_opt", p, _share(p, vmax, vmin), lam)

@@ -27,7 +27,8 @@ from klest import KlestError
 
 from . import distributions as D
 from .engine import EstimatorResult, run_many
-from .truth import Truth, _expm1mx, estimator_target, exact_moments, truth
+from .specs import as_distribution, parse, variables_used
+from .truth import Truth, _expm1mx, estimator_target, exact_mean_sd, ground_truth
 
 __all__ = [
     "REPRODUCE_ESTIMATORS",
@@ -69,6 +70,7 @@ ROW_KEYS = (
     "lambda",
     "n",
     "seed",
+    "truth_note",
 )
 
 
@@ -121,8 +123,9 @@ def _row(
     true = t.value
     std = res.std
     reliable = bool(res.reliable) and variance_finite is not False
-    # p = q (a sweep crossing it): the truth is 0, every ratio to it is undefined ('-')
-    defined = true != 0
+    # p = q (a sweep crossing it): the truth is 0, every ratio to it is undefined ('-'); so is
+    # every ratio to a truth of +inf (a sweep point recorded with its reason)
+    defined = true != 0 and math.isfinite(true)
     return {
         "q": q.spec,
         "p": p.spec,
@@ -143,19 +146,54 @@ def _row(
         "lambda": res.lam,
         "n": res.n,
         "seed": seed,
+        "truth_note": t.note or None,
     }
 
 
-def _checked_truth(q: D.Distribution, p: D.Distribution, target: str, seed: int) -> Truth:
-    t = truth(q, p, target, seed=seed + 1)
-    if math.isinf(t.value):
-        why = (
-            "support mismatch: p is zero where q has mass"
-            if t.source == "support mismatch"
-            else f"{t.source}: the integral diverges, p's tails are too heavy for q"
+def infinite_reason(t: Truth, target: str) -> tuple[str, bool]:
+    """(why the truth ``t`` of ``target`` is +inf, whether it truly is): a support mismatch, a
+    divergent integral or sum (told per direction: the reverse KL E_q[log q/p] diverges where q
+    puts too much mass where p is small, the forward KL E_p[log p/q] where p does so where q is
+    small), or mere overflow (a finite value beyond float64: not +inf).
+
+    >>> infinite_reason(Truth(math.inf, "support mismatch"), "reverse_kl")
+    ('support mismatch: p is zero where q has mass', True)
+    """
+    if t.source == "support mismatch":
+        return "support mismatch: p is zero where q has mass", True
+    diverges = "diverges" in t.note or t.source in ("closed form", "exact sum", "torch registry")
+    if not diverges:
+        return (
+            f"overflow in the {t.source}: a value or a term exceeds float64's range, the "
+            "divergence itself may be finite"
+        ), False
+    where = f" ({t.note})" if t.note else ""
+    if target == "reverse_kl":
+        return (
+            f"{t.source}: q puts too much mass where p is small, E_q[log q/p] = +inf{where}",
+            True,
         )
+    if target == "forward_kl":
+        return (
+            f"{t.source}: p puts too much mass where q is small, E_p[log p/q] = +inf{where}",
+            True,
+        )
+    return f"{t.source}: the integral E_q[f(p/q)] diverges{where}", True
+
+
+def _checked_truth(
+    q: D.Distribution, p: D.Distribution, target: str, seed: int, record: bool = False
+) -> Truth:
+    """The truth, refused where it is +inf or overflows (bias/true is undefined); with
+    ``record`` (a sweep point) a true +inf comes back as such, its reason in the note."""
+    t = ground_truth(q, p, target, seed=seed + 1)
+    if math.isinf(t.value):
+        why, infinite = infinite_reason(t, target)
+        if record and infinite:
+            return Truth(math.inf, t.source, note=why)
+        what = "is +inf" if infinite else "cannot be computed"
         raise KlestError(
-            f"the true {target} of p = {p.spec} from q = {q.spec} is +inf ({why}); "
+            f"the true {target} of p = {p.spec} from q = {q.spec} {what} ({why}); "
             "bias/true is undefined",
             argument="p",
         )
@@ -174,9 +212,10 @@ def _rows_for(
     progress: Callable[[int, int], None] | None,
     expected: Callable[[D.Distribution, str], tuple[tuple[float, float] | None, bool | None]],
     executor: Executor | None = None,
+    record: bool = False,
 ) -> list[dict[str, Any]]:
     truths = {
-        (j, tgt): _checked_truth(q, p, tgt, seed)
+        (j, tgt): _checked_truth(q, p, tgt, seed, record)
         for j, p in enumerate(targets)
         for tgt in dict.fromkeys(estimator_target(e) for e in estimators)
     }
@@ -187,7 +226,7 @@ def _rows_for(
     for j, p in enumerate(targets):
         for name in estimators:
             t = truths[(j, estimator_target(name))]
-            exp, finite = expected(p, name)
+            exp, finite = expected(p, name) if math.isfinite(t.value) else (None, None)
             rows.append(_row(q, p, name, results[j][name], t, exp, finite, seed))
     return rows
 
@@ -198,21 +237,21 @@ def _expected_generic(
     if t.approximate:
         return None, None
     try:
-        mom = exact_moments(q, p, name)
+        mom = exact_mean_sd(q, p, name)
     except (KlestError, ValueError, ArithmeticError):
         return None, None
     if mom is None:
         return None, None
-    mean, var = mom
+    mean, sd = mom
     if t.value == 0:  # p = q: the ratios to the truth are undefined
-        return None, math.isfinite(var)
+        return None, math.isfinite(sd)
     # The exact mean E_q[v] over q's support: every estimator but k2 is unbiased only when
     # E_q[r] = 1, which fails where p puts mass outside q's support (q = Exponential(1),
     # p = N(0, 1): E_q[r - 1] = -1/2). Quadrature's last digits (|bias| < 1e-9) read as 0.
     bias = mean / t.value - 1.0
     if abs(bias) < 1e-9:
         bias = 0.0
-    return (bias, math.sqrt(var) / abs(t.value)), math.isfinite(var)
+    return (bias, sd / abs(t.value)), math.isfinite(sd)
 
 
 # ---------------------------------------------------------------------------- reproduce
@@ -243,7 +282,7 @@ def reproduce(
         try:
             return normal_shift_expected(p.loc, name), True
         except KlestError:
-            return _expected_generic(q, p, name, truth(q, p, estimator_target(name)))
+            return _expected_generic(q, p, name, ground_truth(q, p, estimator_target(name)))
 
     return _rows_for(q, targets, list(estimators), n, seed, workers, progress, expected, executor)
 
@@ -259,21 +298,37 @@ def compare(
     workers: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     executor: Executor | None = None,
+    record_infinite: bool = False,
 ) -> list[dict[str, Any]]:
     """The same table for any pair: q and p are specs, lab distributions, frozen SciPy
     distributions or torch.distributions objects.
 
     Expected columns come from exact sums (discrete q) or quadrature (univariate continuous q),
     and are ``None`` elsewhere; ``variance_finite`` is False where the per-sample variance is
-    infinite. ``executor``: as in :func:`reproduce`.
+    infinite. ``executor``: as in :func:`reproduce`. A truth of +inf is an error, or with
+    ``record_infinite`` (what a sweep does) rows with ``true_value`` +inf, the reason in
+    ``truth_note`` and every ratio to the truth ``None``.
     """
-    qd = D.as_distribution(q)
-    pd = D.as_distribution(p)
+    qd = as_distribution(q)
+    pd = as_distribution(p)
 
     def expected(pp: D.Distribution, name: str) -> tuple[tuple[float, float] | None, bool | None]:
-        return _expected_generic(qd, pp, name, truth(qd, pp, estimator_target(name), seed=seed + 1))
+        return _expected_generic(
+            qd, pp, name, ground_truth(qd, pp, estimator_target(name), seed=seed + 1)
+        )
 
-    return _rows_for(qd, [pd], list(estimators), n, seed, workers, progress, expected, executor)
+    return _rows_for(
+        qd,
+        [pd],
+        list(estimators),
+        n,
+        seed,
+        workers,
+        progress,
+        expected,
+        executor,
+        record_infinite,
+    )
 
 
 # -------------------------------------------------------------------------------- sweep
@@ -357,10 +412,11 @@ def sweep(
     error. The point at value v uses its own seed derived from (seed, v), so resumed and
     uninterrupted sweeps agree, and a value shared by two grids gets the same numbers in both.
     ``executor`` runs each point's sampling blocks (as in :func:`reproduce`); the points are
-    computed and saved one after another, in grid order.
+    computed and saved one after another, in grid order. A point whose true divergence is +inf
+    is recorded as such (``true_value`` inf, the reason in ``truth_note``, the ratios to it
+    ``None``) and the sweep goes on. Specs are compared as parsed (canonical) text on resuming:
+    ``normal(0,1)`` and ``normal(0, 1)`` are the same sweep.
     """
-    from .specs import parse, variables_used
-
     estimators = list(estimators)
     values = [float(v) for v in values]
     if not values:
@@ -445,13 +501,36 @@ def _read_sweep(path: Path, config: dict[str, Any]) -> list[dict[str, Any]]:
                 argument="out",
             )
         for k, want in config.items():
-            if not _same_setting(r.get(k), want):
+            if k in ("q_template", "p_template"):
+                same = _same_template(r.get(k), want, config)
+            else:
+                same = _same_setting(r.get(k), want)
+            if not same:
                 raise KlestError(
                     f"{path} holds a different sweep ({k} = {r.get(k)!r}, not {want!r}); "
                     "choose another output file or delete it",
                     argument="out",
                 )
     return rows
+
+
+def _same_template(got: Any, want: str, config: dict[str, Any]) -> bool:
+    """Two spec templates name the same distributions: parsed at every value of the grid, they
+    give the same canonical specs (``normal(0,1)``, ``normal(0, 1.0)`` and
+    ``gaussian(loc=0, scale=1)`` are one spec)."""
+    if got == want:
+        return True
+    if not isinstance(got, str):
+        return False
+    values = [float(v) for v in str(config["grid"]).split(",")]
+    try:
+        return all(
+            parse(got, variables={config["param"]: v}).spec
+            == parse(want, variables={config["param"]: v}).spec
+            for v in values
+        )
+    except KlestError:
+        return False
 
 
 def _same_setting(got: Any, want: Any) -> bool:
@@ -484,8 +563,6 @@ def _sweep_points(
     progress: Callable[[int, int], None] | None,
     executor: Executor | None = None,
 ) -> list[dict[str, Any]]:
-    from .specs import parse
-
     done = {(float(r["value"]), r["estimator"]) for r in rows}
     for i, v in enumerate(values):
         if all((v, e) in done for e in estimators):
@@ -501,6 +578,7 @@ def _sweep_points(
                 workers=workers,
                 progress=progress,
                 executor=executor,
+                record_infinite=True,
             )
         ]
         if path is not None:
@@ -631,7 +709,9 @@ SWEEP_KEYS = (
 # ------------------------------------------------------------------------ file helpers
 def _json_safe(v: Any) -> Any:
     if isinstance(v, float) and not math.isfinite(v):
-        return None
+        # JSON has no infinity: +inf is the string "inf" (as the CSV writes it), so that +inf
+        # and "unavailable" (null, an empty CSV cell) stay apart; NaN is never a result
+        return None if math.isnan(v) else ("inf" if v > 0 else "-inf")
     if isinstance(v, (np.floating,)):
         return _json_safe(float(v))
     if isinstance(v, (np.integer,)):
@@ -640,7 +720,8 @@ def _json_safe(v: Any) -> Any:
 
 
 def rows_to_json(rows: Sequence[dict[str, Any]]) -> str:
-    """A JSON list; non-finite numbers become null."""
+    """A JSON list; ±inf is written as the string "inf"/"-inf" (JSON has no infinity), an
+    unavailable value (None) as null, as in the CSV (``inf``, an empty cell)."""
     return json.dumps([{k: _json_safe(v) for k, v in r.items()} for r in rows], indent=2)
 
 
@@ -722,7 +803,12 @@ def read_rows(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
         raise KlestError(f"{path} is not a sweep file ({e})", argument="out") from None
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
         raise KlestError(f"{path} is not a sweep file (expected a JSON list)", argument="out")
-    return data
+    return [
+        {k: _INFINITIES.get(v, v) if isinstance(v, str) else v for k, v in r.items()} for r in data
+    ]
+
+
+_INFINITIES = {"inf": math.inf, "-inf": -math.inf}
 
 
 def estimator_names_for_cli() -> list[str]:

@@ -550,13 +550,46 @@ def _with_alpha(opt: Option, model: ToyModel, theta: torch.Tensor) -> Option:
     )
 
 
-def _compare(g: torch.Tensor, target: torch.Tensor, noise: float) -> tuple[float, float | None]:
-    """(‖g − g*‖/‖g*‖, cosine); the cosine is None (undefined) when ‖g‖ is at the rounding level
-    ``noise`` (e.g. k1 as a loss, whose expected gradient is exactly 0)."""
+#: The largest |log π(y) − log μ(y)| over the enumerated sequences that the off-policy rows
+#: accept: their importance weights reach e^Δ and tr Cov their squares e^2Δ (float64: e^709).
+MAX_OFF_POLICY_LOG_RATIO = 300.0
+
+
+def _compare(
+    g: torch.Tensor, target: torch.Tensor, noise: float, target_noise: float = 0.0
+) -> tuple[float | None, float | None]:
+    """(‖g − g*‖/‖g*‖, cosine). The relative error and the cosine are None (undefined, 0/0)
+    where the target g* is zero (‖g*‖ at most ``target_noise``: π = π_ref, whose KL gradient is
+    exactly 0); the cosine is None too when ‖g‖ is at the rounding level ``noise`` (e.g. k1 as a
+    loss, whose expected gradient is exactly 0), and both are None where g is not finite."""
     nt, ng = float(target.norm()), float(g.norm())
-    rel = float((g - target).norm()) / nt if nt > 0 else math.inf
-    cos = float(g @ target) / (ng * nt) if ng > noise and nt > 0 else None
+    if not (nt > target_noise and math.isfinite(nt) and math.isfinite(ng)):
+        return None, None
+    rel = float((g - target).norm()) / nt
+    cos = float(g @ target) / (ng * nt) if ng > noise else None
     return rel, cos
+
+
+def _target_noise(model: ToyModel) -> float:
+    """The rounding level of ∇KL between π and π_ref: 0 unless they are the same table (then
+    the gradients are exactly 0 in mathematics; whatever is computed is rounding)."""
+    import torch
+
+    return math.inf if bool(torch.equal(model.ref, model.theta)) else 0.0
+
+
+def _check_off_policy_range(model: ToyModel) -> None:
+    """Refuse a sampler μ so far from π that the importance weights leave float64."""
+    if model.old is None:
+        return
+    d = float((model.seq_logprob(model.theta) - model.seq_logprob(model.old)).abs().max())
+    if d > MAX_OFF_POLICY_LOG_RATIO:
+        raise KlestError(
+            f"the sampler μ is too far from π: log π(y) − log μ(y) reaches {d:.4g} over the "
+            f"enumerated sequences, and the importance weights (squared in tr Cov) leave float64 "
+            f"beyond {MAX_OFF_POLICY_LOG_RATIO:g}; use a smaller off-policy distance",
+            argument="off_policy",
+        )
 
 
 def gradient_table(
@@ -572,14 +605,16 @@ def gradient_table(
         raise KlestError("must be >= 1", argument="B", value=B)
     if opts is None:
         opts = options(off_policy=model.old is not None)
+    _check_off_policy_range(model)
     g_rev, g_fwd = (g.reshape(-1) for g in sequence_kl_gradients(model))
+    zero = _target_noise(model)
     rows = []
     for opt0 in opts:
         opt = _with_alpha(opt0, model, model.theta)
         mean, var1 = exact_gradients(model, opt)
         noise = 1e-12 * math.sqrt(var1 + float(mean @ mean))  # rounding in Σ_y s(y) g(y)
-        rr, cr = _compare(mean, g_rev, noise)
-        rf, cf = _compare(mean, g_fwd, noise)
+        rr, cr = _compare(mean, g_rev, noise, zero)
+        rf, cf = _compare(mean, g_fwd, noise, zero)
         rows.append(
             {
                 "option": opt.name,
@@ -592,7 +627,7 @@ def gradient_table(
                 "cosine_reverse_kl": cr,
                 "relative_error_forward_kl": rf,
                 "cosine_forward_kl": cf,
-                "trace_variance": var1 / B,
+                "trace_variance": var1 / B if math.isfinite(var1) else None,
                 "B": B,
                 "V": model.V,
                 "T": model.T,
@@ -614,7 +649,9 @@ def train(
     """Exact gradient ascent on E_π[R] − β·KL from θ, with each option's expected KL gradient in
     place of ∇KL (off-policy options sample from μ_t = θ_t + (μ − θ) at every step). Returns, per
     option and for ``"exact ∇KL(π‖π_ref)"``, the true sequence KL(π‖π_ref) and E_π[R] per step
-    (steps + 1 values, the first at θ)."""
+    (steps + 1 values, the first at θ). An option whose gradient stops being finite (a value
+    such as k3's π_ref/π beyond float64 once π has collapsed) stops there: its lists are
+    shorter and ``"stopped"`` holds [the step] (:func:`run_gradients` reports it)."""
     import torch
 
     offset = None if model.old is None else model.old - model.theta
@@ -633,7 +670,13 @@ def train(
             kls.append(sequence_kl_value(model, th))
             rewards.append(er)
             if step < steps:
-                th = th + lr * (gr - beta * kl_grad(th))
+                try:
+                    gk = kl_grad(th)
+                except KlestError:
+                    gk = None
+                if gk is None or not bool(torch.isfinite(gk).all()):
+                    return {"reverse_kl": kls, "reward": rewards, "stopped": [float(step)]}
+                th = th + lr * (gr - beta * gk)
         return {"reverse_kl": kls, "reward": rewards}
 
     out = {"exact ∇KL(π‖π_ref)": run(lambda th: sequence_kl_gradients(model, th)[0])}
@@ -657,8 +700,8 @@ def _groups(history: dict[str, dict[str, list[float]]]) -> list[list[str]]:
             if all(
                 abs(a - b) <= 1e-6 * (1 + abs(b))
                 for key in ("reverse_kl", "reward")
-                for a, b in zip(h[key], ref[key], strict=True)
-            ):
+                for a, b in zip(h[key], ref[key], strict=False)
+            ) and len(h["reward"]) == len(ref["reward"]):
                 g.append(name)
                 break
         else:
@@ -743,6 +786,16 @@ def format_gradient_rows(rows: Sequence[dict[str, Any]], fmt: str = "table") -> 
             f"float64); tr Cov for a batch of B = {r0['B']} sequences; rel.err and cos compare "
             "the exact expected gradient with ∇ of the sequence KL; cos '-': zero gradient"
         )
+        if any(r.get("relative_error_reverse_kl") is None for r in rows):
+            note += "; rel.err and cos '-' where ∇KL is 0 (π = π_ref: 0/0, undefined)"
+        if any(r.get("trace_variance") is None and r.get("kind") != "exact" for r in rows):
+            note += "; tr Cov '-': beyond float64"
+        stops = [r for r in rows if r.get("training_stopped_at") is not None]
+        for r in stops:
+            note += (
+                f"\n{r['option']}: training stopped at step {r['training_stopped_at']}, where "
+                "its KL gradient is no longer finite in float64 (after training '-')"
+            )
     else:
         note = "no options"
     if fmt == "markdown":
@@ -784,7 +837,8 @@ def run_gradients(
         if steps > 0:
             history = train(model, [o for o in opts if o.kind != "preset"], beta=beta, steps=steps)
         g_rev, g_fwd = (g.reshape(-1) for g in sequence_kl_gradients(model))
-    rf, cf = _compare(g_rev, g_fwd, 0.0)
+    zero = _target_noise(model)
+    rf, cf = _compare(g_rev, g_fwd, 0.0, zero)
     reference: dict[str, Any] = {
         "option": "exact ∇KL(π‖π_ref) (reference)",
         "kind": "exact",
@@ -792,8 +846,8 @@ def run_gradients(
         "placement": "-",
         "aggregation": "-",
         "off_policy": False,
-        "relative_error_reverse_kl": 0.0,
-        "cosine_reverse_kl": 1.0,
+        "relative_error_reverse_kl": 0.0 if math.isfinite(zero) else None,
+        "cosine_reverse_kl": 1.0 if math.isfinite(zero) else None,
         "relative_error_forward_kl": rf,
         "cosine_forward_kl": cf,
         "trace_variance": None,
@@ -809,6 +863,9 @@ def run_gradients(
         for r in rows:
             h = history.get(r["option"])
             if h is not None:
-                r["final_reverse_kl"] = h["reverse_kl"][-1]
-                r["final_reward"] = h["reward"][-1]
+                stopped = h.pop("stopped", None)
+                r["final_reverse_kl"] = None if stopped else h["reverse_kl"][-1]
+                r["final_reward"] = None if stopped else h["reward"][-1]
+                if stopped:
+                    r["training_stopped_at"] = int(stopped[0])
     return rows, history

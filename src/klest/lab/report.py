@@ -31,7 +31,7 @@ def _num(v: Any, digits: int = 4) -> str:
     return str(v)
 
 
-def _cells(r: dict[str, Any]) -> list[str]:
+def _cells(r: dict[str, Any], with_q: bool = False) -> list[str]:
     reliable = r.get("stdev_reliable", True)
     stdev = _num(r["stdev_over_true"]) if reliable else "unreliable*"
     se = _num(r["stderr_bias_over_true"], 2) if reliable else "unreliable*"
@@ -39,6 +39,7 @@ def _cells(r: dict[str, Any]) -> list[str]:
     if r.get("truth_stderr") is not None:
         true += f" ±{_num(r['truth_stderr'], 2)}"
     return [
+        *([r["q"]] if with_q else []),
         r["p"],
         r["estimator"],
         _TARGET_LABEL.get(r["target"], r["target"]),
@@ -64,13 +65,37 @@ _HEADER = [
 ]
 
 
+def _varies_q(rows: Sequence[dict[str, Any]]) -> bool:
+    """True when the rows have more than one q (a sweep of q's parameter): q gets a column."""
+    return len({r["q"] for r in rows}) > 1
+
+
+def _header(with_q: bool) -> list[str]:
+    return ["q", *_HEADER] if with_q else list(_HEADER)
+
+
 def _notes(rows: Sequence[dict[str, Any]]) -> list[str]:
     notes = []
-    sources = sorted({f"{r['target']} of {r['p']}: {r['truth_source']}" for r in rows})
+    with_q = _varies_q(rows)
+
+    def pair(r: dict[str, Any]) -> str:
+        return f"{r['p']} from {r['q']}" if with_q else str(r["p"])
+
+    sources = sorted({f"{r['target']} of {pair(r)}: {r['truth_source']}" for r in rows})
     if len(sources) <= 4:
         notes.append("true values: " + "; ".join(sources))
     else:
         notes.append("true values from: " + ", ".join(sorted({r["truth_source"] for r in rows})))
+    infinite = sorted(
+        {
+            f"  {r['target']} of {pair(r)}: {r.get('truth_note') or 'diverges'}"
+            for r in rows
+            if isinstance(r.get("true_value"), float) and math.isinf(r["true_value"])
+        }
+    )
+    if infinite:
+        notes.append("true value +inf (every ratio to it undefined, '-'):")
+        notes += infinite
     bad = [r for r in rows if not r.get("stdev_reliable", True)]
     if bad:
         notes.append(
@@ -83,7 +108,7 @@ def _notes(rows: Sequence[dict[str, Any]]) -> list[str]:
                 why.append("exact second moment is infinite")
             why.append(f"one sample carries {100 * r['max_share']:.0f}% of the sum of squares")
             notes.append(
-                f"  {r['estimator']} vs {r['p']}: {'; '.join(why)} "
+                f"  {r['estimator']} vs {pair(r)}: {'; '.join(why)} "
                 f"(sample stdev/true {_num(r['stdev_over_true'])})"
             )
     if rows:
@@ -93,8 +118,9 @@ def _notes(rows: Sequence[dict[str, Any]]) -> list[str]:
             if "sweep_seed" in rows[0]
             else f"seed {rows[0]['seed']}"
         )
+        q = "q per row" if with_q else f"q = {rows[0]['q']}"
         notes.append(
-            f"q = {rows[0]['q']}, n = {n:,} samples, {seed}; ± SE is the Monte "
+            f"{q}, n = {n:,} samples, {seed}; ± SE is the Monte "
             "Carlo standard error of bias/true; 'exact' columns: closed form, exact sum or "
             "quadrature ('-' where unavailable)"
         )
@@ -102,9 +128,11 @@ def _notes(rows: Sequence[dict[str, Any]]) -> list[str]:
 
 
 def _table(rows: Sequence[dict[str, Any]]) -> str:
-    body = [_cells(r) for r in rows]
-    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(_HEADER)]
-    right = set(range(3, len(_HEADER)))
+    with_q = _varies_q(rows)
+    header = _header(with_q)
+    body = [_cells(r, with_q) for r in rows]
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(header)]
+    right = set(range(3 + with_q, len(header)))
 
     def line(cells: list[str]) -> str:
         return "  ".join(
@@ -112,23 +140,25 @@ def _table(rows: Sequence[dict[str, Any]]) -> str:
             for i, (c, w) in enumerate(zip(cells, widths, strict=True))
         ).rstrip()
 
-    out = [line(_HEADER), "  ".join("-" * w for w in widths)]
+    out = [line(header), "  ".join("-" * w for w in widths)]
     prev = None
     for r, b in zip(rows, body, strict=True):
-        if prev is not None and r["p"] != prev:
+        if prev is not None and (r["q"], r["p"]) != prev:
             out.append("")
-        prev = r["p"]
+        prev = (r["q"], r["p"])
         out.append(line(b))
     return "\n".join([*out, "", *_notes(rows)])
 
 
 def _markdown(rows: Sequence[dict[str, Any]]) -> str:
+    with_q = _varies_q(rows)
+    header = _header(with_q)
     out = [
-        "| " + " | ".join(_HEADER) + " |",
-        "|" + "|".join("---" if i < 3 else "---:" for i in range(len(_HEADER))) + "|",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" if i < 3 + with_q else "---:" for i in range(len(header))) + "|",
     ]
     for r in rows:
-        out.append("| " + " | ".join(c.replace("|", "\\|") for c in _cells(r)) + " |")
+        out.append("| " + " | ".join(c.replace("|", "\\|") for c in _cells(r, with_q)) + " |")
     return "\n".join([*out, "", *_notes(rows)])
 
 

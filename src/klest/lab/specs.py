@@ -55,7 +55,15 @@ from klest import KlestError
 
 from . import distributions as D
 
-__all__ = ["FAMILIES", "MAX_DEPTH", "MAX_LENGTH", "SpecError", "parse", "variables_used"]
+__all__ = [
+    "FAMILIES",
+    "MAX_DEPTH",
+    "MAX_LENGTH",
+    "SpecError",
+    "as_distribution",
+    "parse",
+    "variables_used",
+]
 
 MAX_LENGTH = 2000  # characters; longer input is refused before tokenizing
 MAX_DEPTH = 8  # nesting of calls and lists
@@ -582,3 +590,16 @@ def parse(text: str, *, variables: dict[str, float] | None = None) -> D.Distribu
         raise KlestError("a spec must be a string", argument="spec", value=text)
     tree = _Parser(text).spec()
     return _Builder(text, dict(variables or {})).build(tree)
+
+
+def as_distribution(obj: Any, *, variables: dict[str, float] | None = None) -> D.Distribution:
+    """A :class:`~klest.lab.distributions.Distribution` from a spec string (read by
+    :func:`parse`, with ``variables`` bound), a Distribution, a SciPy frozen distribution or a
+    torch.distributions object (wrapped by :func:`klest.lab.distributions.wrap`).
+
+    >>> as_distribution("normal(0.1, 1)")
+    normal(0.1, 1)
+    """
+    if isinstance(obj, str):
+        return parse(obj, variables=variables)
+    return D.wrap(obj)

@@ -1,6 +1,6 @@
 r"""Ground truth D_f(p, q) = E_{x~q}[f(p(x)/q(x))] for a pair of distributions, with its source.
 
-:func:`truth` tries, in order:
+:func:`ground_truth` (also importable from here as ``truth``) tries, in order:
 
 1. ``"torch registry"``: ``torch.distributions.kl_divergence`` when both are torch distributions
    (reverse and forward KL);
@@ -28,13 +28,14 @@ show the bias it causes. Supports are compared as unions of intervals: the gap b
 mixture components is not support.
 
 >>> from klest.lab import parse
->>> t = truth(parse("normal(0, 1)"), parse("normal(1, 1)"))
+>>> t = ground_truth(parse("normal(0, 1)"), parse("normal(1, 1)"))
 >>> t.value, t.source
 (0.5, 'closed form')
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import math
@@ -47,13 +48,18 @@ import numpy as np
 
 import klest
 from klest import FDivergence, KlestError
+from klest.table import check_values, is_builtin
 
 from . import distributions as D
+from .engine import run
+from .specs import as_distribution
 
 __all__ = [
     "Truth",
     "estimator_target",
+    "exact_mean_sd",
     "exact_moments",
+    "ground_truth",
     "register_truth",
     "truth",
 ]
@@ -185,7 +191,19 @@ def _gauss_log_alpha_moment(q: Any, p: Any, a: float) -> float:
 def _gauss_alpha(q: Any, p: Any, a: float) -> float:
     """(E_q[r^α] - 1)/(α(α - 1)) through expm1: accurate for α near 0 and 1 too."""
     lm = _gauss_log_alpha_moment(q, p, a)
-    return math.inf if lm > 709 else math.expm1(lm) / (a * (a - 1.0))
+    if lm <= 709:
+        return math.expm1(lm) / (a * (a - 1.0))
+    if math.isinf(lm):  # E_q[r^α] diverges
+        return math.inf
+    # e^lm/(α(α - 1)) (the -1 is below rounding): finite; refused where beyond float64
+    log_value = lm - math.log(abs(a * (a - 1.0)))
+    if log_value > 709.78:
+        raise KlestError(
+            f"the alpha:{a:g} divergence of p = {p.spec} from q = {q.spec} is finite but about "
+            f"e^{log_value:.6g}, beyond float64's range",
+            argument="p",
+        )
+    return math.copysign(math.exp(log_value), a * (a - 1.0))
 
 
 for _g in (D.Normal, D.MultivariateNormal):
@@ -347,7 +365,7 @@ def _kl_poisson(q: D.Poisson, p: D.Poisson, div: FDivergence) -> float:
 
 
 # ------------------------------------------------------------------------- the dispatcher
-def truth(
+def ground_truth(
     q: Any,
     p: Any,
     divergence: str | FDivergence = "reverse_kl",
@@ -356,8 +374,8 @@ def truth(
     seed: int = 0,
 ) -> Truth:
     """The true ``divergence`` between p and q (samples from q), with where it came from."""
-    q = D.as_distribution(q)
-    p = D.as_distribution(p)
+    q = as_distribution(q)
+    p = as_distribution(p)
     div = klest.get_divergence(divergence)
     if q.dim != p.dim:
         raise KlestError(f"q has dimension {q.dim} but p has dimension {p.dim}", argument="p")
@@ -397,6 +415,11 @@ def truth(
         value = res.value + (unseen - div.f_prime_at_1 * m if m > 0 else 0.0)
         return _never_negative(Truth(value, "quadrature", note=res.note), q, p, div)
     return _monte_carlo(q, p, div, mc_samples, seed)
+
+
+#: The same function under the module's name (``from klest.lab.truth import truth``); the
+#: package exports it as ``klest.lab.ground_truth``, so that ``klest.lab.truth`` is this module.
+truth = ground_truth
 
 
 def _never_negative(t: Truth, q: Any, p: Any, div: FDivergence) -> Truth:
@@ -649,6 +672,54 @@ def _f_of(div: FDivergence, L: np.ndarray) -> np.ndarray:
         return np.asarray(div.plain(npx, L), dtype=np.float64)
 
 
+def _exact_log_sum_sq(q: Any, p: Any, g: Callable[[np.ndarray], np.ndarray]) -> float:
+    """log Σ_x q(x)·g(L(x))² over a discrete q's support, every term in log space (log q + 2
+    log|g|, with g's growth model where L is huge: :func:`_log_terms`), so that neither q's
+    underflow nor g's overflow truncates the sum: q·r² = p²/q peaks near x = λ_p²/λ_q for two
+    Poissons, far beyond both bulks, where √q alone is 0 in float64. An unbounded support is
+    extended in blocks that double, until a block's largest term is below e^-40 of the total
+    and falling; +inf (a divergent sum) if that never happens within 2^40 points."""
+    grow = _growth_both(g)
+
+    def log_terms(xs: np.ndarray) -> np.ndarray:
+        with np.errstate(all="ignore"):
+            lq = np.asarray(q.logpdf(xs), dtype=np.float64)
+            keep = lq > -np.inf
+            lq = lq[keep]
+            L = np.asarray(q.log_ratio(p, xs[keep]), dtype=np.float64)
+            lp = np.asarray(p.logpdf(xs[keep]), dtype=np.float64)
+            lv, _, ok = _log_terms(lq, L, g, grow, True, lp)
+            g_inf = ~ok & np.isfinite(lq) & np.isinf(np.asarray(g(L), dtype=np.float64))
+        return np.where(g_inf, np.inf, lv)
+
+    def lse(v: np.ndarray) -> float:
+        m = float(np.max(v, initial=-math.inf))
+        if not math.isfinite(m):
+            return m
+        return m + math.log(math.fsum(np.exp(v - m)))
+
+    xs = q.enumerate_support()
+    if math.isinf(q.support[1]) and p.discrete and p.dim == 1:
+        with contextlib.suppress(KlestError):
+            xs = np.union1d(xs, p.enumerate_support())
+    total = lse(log_terms(xs))
+    if not math.isinf(q.support[1]) or total == math.inf:
+        return total
+    last, step = float(xs[-1]), max(256, len(xs))
+    while last < 2.0**40:
+        block = np.arange(last + 1, last + 1 + step)
+        v = log_terms(block)
+        add = lse(v)
+        total = float(np.logaddexp(total, add))
+        last = float(block[-1])
+        if total == math.inf:
+            return total
+        if len(v) and add < total - 40.0 and v[-1] <= v[0]:
+            return total
+        step *= 2
+    return math.inf
+
+
 def _exact_sum(
     q: Any, p: Any, g: Callable[[np.ndarray], np.ndarray], *, squared: bool = False
 ) -> float:
@@ -657,36 +728,39 @@ def _exact_sum(
     1e-17 of the total (a term like q·r⁴ can peak far beyond q's own bulk); +inf if it never
     settles within max(10⁶, 4 × its size) points past the bulk."""
 
-    c = None if squared else _linear_growth(g)
+    if squared:  # in log space (see _exact_log_sum_sq); +inf also where it overflows float64
+        log_total = _exact_log_sum_sq(q, p, g)
+        return math.exp(log_total) if log_total < 709.0 else math.inf
+    c = _linear_growth(g)
 
     def terms(xs: np.ndarray) -> np.ndarray:
         with np.errstate(all="ignore"):
-            lq = q.logpdf(xs)
+            lq = np.asarray(q.logpdf(xs), dtype=np.float64)
             keep = lq > -np.inf
-            lp = p.logpdf(xs[keep])
+            lq = lq[keep]
+            L = np.asarray(q.log_ratio(p, xs[keep]), dtype=np.float64)
             if c is not None:  # q·g(L) = c·p where r is astronomically large (as in quadrature)
-                L = lp - lq[keep]
                 huge = L > _HUGE_L
                 if np.any(huge):
-                    out = np.zeros(len(lp))
+                    out = np.zeros(len(L))
                     out[huge] = [
-                        c(float(v)) * math.exp(float(w))
-                        for v, w in zip(L[huge], lp[huge], strict=True)
+                        c(float(v)) * math.exp(float(v + w))
+                        for v, w in zip(L[huge], lq[huge], strict=True)
                     ]
                     rest = ~huge
-                    out[rest] = _terms(lq[keep][rest], lp[rest])
+                    out[rest] = _terms(lq[rest], L[rest])
                     return out
-            return _terms(lq[keep], lp)
+            return _terms(lq, L)
 
-    def _terms(lq: np.ndarray, lp: np.ndarray) -> np.ndarray:
+    def _terms(lq: np.ndarray, L: np.ndarray) -> np.ndarray:
         with np.errstate(all="ignore"):
             if squared:  # q·g² as (√q·g)²: g² alone may overflow where the product does not
                 w = np.exp(0.5 * lq)
-                t = w * g(lp - lq)
+                t = w * g(L)
                 return np.where(w > 0, t * t, 0.0)
             w = np.exp(lq)
             # where q's mass underflows to 0 the term vanishes (as in the quadrature)
-            return np.where(w > 0, w * g(lp - lq), 0.0)
+            return np.where(w > 0, w * g(L), 0.0)
 
     xs = q.enumerate_support()
     if math.isinf(q.support[1]) and p.discrete and p.dim == 1:
@@ -808,17 +882,22 @@ def _growth_both(g: Callable[[np.ndarray], np.ndarray]) -> _Growth:
 
 def _log_terms(
     lq: np.ndarray,
-    lp: np.ndarray,
+    L: np.ndarray,
     g: Callable[[np.ndarray], np.ndarray],
     grow: _Growth,
     squared: bool,
+    lp: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(log|q·g(L)|, sign, valid) with L = lp - lq (q·g(L)² with ``squared``), computed in log
-    space so that q's underflow or g's overflow loses nothing. ``valid`` is False where the
+    """(log|q·g(L)|, sign, valid) with L = log p - log q given (never formed from the two log
+    densities here: a small-shape gamma's cancel; see ``Distribution.log_ratio_at``) and q·g(L)²
+    with ``squared``, computed in log space so that q's underflow or g's overflow loses nothing.
+    ``lq`` and ``lp`` may carry the same Jacobian (densities of t = log distance); ``lp`` serves
+    only where L is beyond the growth model's reach (there L ~ -log q is itself huge, and
+    lq + L would cancel where κ·lp + (1 - κ)·lq does not). ``valid`` is False where the
     value cannot be evaluated (log q not finite, or log p = -inf while g(-inf) is infinite)."""
     k = 2.0 if squared else 1.0
     with np.errstate(all="ignore"):
-        L = lp - lq
+        L = np.asarray(L, dtype=np.float64)
         big = L > grow.lmax
         Ls = np.where(big, 0.0, L)
         v = np.asarray(g(Ls), dtype=np.float64)
@@ -828,11 +907,8 @@ def _log_terms(
         # beyond lmax: q·|g|^k = exp(kκ·lp + (1 - kκ)·lq + k(μ log L + c)), no cancellation
         kk = k * grow.kappa
         Lb = np.where(big, L, 1.0)
-        model = (
-            kk * lp
-            + (1.0 - kk) * lq
-            + k * (grow.mu * np.log(Lb) + grow.c + (grow.d + grow.e / Lb) / Lb)
-        )
+        lin = kk * lp if kk == 1.0 else kk * lp + (1.0 - kk) * lq
+        model = lin + k * (grow.mu * np.log(Lb) + grow.c + (grow.d + grow.e / Lb) / Lb)
         out = np.where(big, model, direct)
         sign = np.where(big, 1.0, sign)
         n = grow.neg
@@ -890,7 +966,7 @@ def _integral(
         xa = np.array([x])
         lq = np.asarray(q.logpdf(xa), dtype=np.float64)
         lp = np.asarray(p.logpdf(xa), dtype=np.float64)
-        lv, s, ok = _log_terms(lq, lp, g, grow, squared)
+        lv, s, ok = _log_terms(lq, q.log_ratio(p, xa), g, grow, squared, lp)
         if not ok[0]:
             return 0.0
         return float(s[0]) * math.exp(min(float(lv[0]), 709.0)) if lv[0] < 709.0 else math.inf
@@ -901,7 +977,7 @@ def _integral(
         with np.errstate(all="ignore"):
             ts = [math.log(side * (v - end)) for v in pts if side * (v - end) > 0]
         splits = sorted({dirn * (t - t0) for t in ts if dirn * (t - t0) > 0})
-        part = _tail(q, p, g, grow, squared, end, side, t0, dirn, where, splits)
+        part = _tail(q, p, g, grow, squared, end, side, t0, dirn, where, splits, 1e-16 * abs(total))
         if not math.isfinite(part.value):
             return part
         total += part.value
@@ -932,28 +1008,35 @@ def _tail(
     dirn: float,
     where: str,
     splits: list[float],
+    floor: float = 0.0,
 ) -> _Integral:
     """One tail of :func:`_integral`: x = end + side·e^t, t = t0 + dirn·τ, τ from 0 to ∞, in
-    pieces between the powers of two and the ``splits`` (the break points' τ)."""
+    pieces between the powers of two and the ``splits`` (the break points' τ); ``floor``: an
+    absolute tolerance (1e-16 of what the other tails already gave)."""
     from scipy import integrate
 
     intervals = q.support_intervals()
 
     def log_f(tau: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         t = t0 + dirn * tau
-        lq = np.asarray(q.logpdf_at(end, side, t), dtype=np.float64)
-        lp = np.asarray(p.logpdf_at(end, side, t), dtype=np.float64)
-        lv, s, ok = _log_terms(lq, lp, g, grow, squared)
+        # the density of t (q·dx/dt) and L, each by its own formula (see log_density_t)
+        lqt = np.asarray(q.log_density_t(end, side, t), dtype=np.float64)
+        L = np.asarray(q.log_ratio_at(p, end, side, t), dtype=np.float64)
+        lpt = np.asarray(p.log_density_t(end, side, t), dtype=np.float64)
+        lv, s, ok = _log_terms(lqt, L, g, grow, squared, lpt)
         with np.errstate(all="ignore"):
             x = end + side * np.exp(t)
         gap = ~np.any([(x >= a) & (x <= b) for a, b in intervals], axis=0)  # q = 0: nothing
-        return np.where(gap, -np.inf, lv + t), np.where(gap, 0.0, s), ok | gap  # dx = e^t dt
+        return np.where(gap, -np.inf, lv), np.where(gap, 0.0, s), ok | gap
 
     def f(tau: float) -> float:
         lv, s, ok = log_f(np.array([tau]))
         return float(s[0]) * math.exp(float(lv[0])) if ok[0] and lv[0] < 709.0 else 0.0
 
-    taus = np.array([0.0] + [2.0**k for k in range(_TAIL_PIECES + 1)])
+    # a small-shape gamma or beta spreads its mass over |t| ~ 1/a near 0: as many more pieces
+    scale = max(q.t_scale(end, side), p.t_scale(end, side)) if dirn < 0 else 1.0
+    extra = min(math.ceil(math.log2(scale)), 400) if scale > 1.0 else 0
+    taus = np.array([0.0] + [2.0**k for k in range(_TAIL_PIECES + extra + 1)])
     lv, sg, ok = log_f(taus)
     n_ok = len(taus) if bool(np.all(ok)) else int(np.argmin(ok))
     # the pieces: powers of two and break points, as far as the densities are evaluable
@@ -1014,13 +1097,22 @@ def _tail(
                     argument="p",
                 )
             model = True
+    # an absolute tolerance 1e-16 of the largest piece's rough size (value × width): pieces
+    # that add less than that are not refined to 1e-12 of their own tiny size (a small-shape
+    # gamma's tail has hundreds of them, each costing thousands of evaluations)
+    with np.errstate(all="ignore"):
+        sizes = np.maximum(glv[:-1], glv[1:]) + np.log(np.diff(grid))
+    big = float(np.max(sizes[np.isfinite(sizes)], initial=-math.inf))
+    epsabs = max(floor, 1e-16 * math.exp(big) if -700.0 < big < 700.0 else 0.0)
     total = 0.0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for i in range(len(grid) - 1):
             if max(glv[i], glv[i + 1]) < peak - 90.0 and grid[i] > 8.0:
                 continue  # both ends below e^-90 of the largest value: nothing inside either
-            total += integrate.quad(f, grid[i], grid[i + 1], epsabs=0.0, epsrel=1e-12, limit=200)[0]
+            total += integrate.quad(
+                f, grid[i], grid[i + 1], epsabs=epsabs, epsrel=1e-12, limit=200
+            )[0]
         if not model:
             return _Integral(total)
         # the model's integral from the last valid probe on: e^{λ(s_v)} ∫ e^{βu}(1 + u/s_v)^m du
@@ -1040,8 +1132,6 @@ def _tail(
 
 
 def _monte_carlo(q: Any, p: Any, div: FDivergence, n: int, seed: int) -> Truth:
-    from .engine import run
-
     # the control-variate estimator first; where single samples dominate it (r unbounded, its
     # variance infinite) the plain one, whose values grow only like log r
     key = _key(div)
@@ -1079,7 +1169,10 @@ def _per_sample_values(estimator: str, L: np.ndarray) -> np.ndarray:
     rec = klest.get_estimator(estimator)
     L = np.minimum(np.asarray(L, dtype=np.float64), 700.0)  # as in _f_of
     with klest.options(validate=False), np.errstate(all="ignore"):
-        return np.asarray(rec.values(npx, L), dtype=np.float64)
+        out = rec.values(npx, L)
+    if not is_builtin(rec):  # a registered estimator's values are checked by the core's rule
+        check_values(rec, L, out)
+    return np.asarray(out, dtype=np.float64)
 
 
 def exact_moments(q: Any, p: Any, estimator: str) -> tuple[float, float] | None:
@@ -1089,9 +1182,31 @@ def exact_moments(q: Any, p: Any, estimator: str) -> tuple[float, float] | None:
     The optimal-λ estimator is taken at its population λ* = Cov(L, r)/Var(r) (its large-n limit).
     Whether E_q[v²] is finite is decided by the tails of the integrand q·v² (see
     :func:`_integral`), not assumed: +inf where they diverge, an error where undecidable.
+    A finite variance beyond the float64 range (a standard deviation above ~1e154) cannot be
+    returned here: that raises :class:`klest.KlestError`; :func:`exact_mean_sd` returns the
+    standard deviation itself.
     """
-    q = D.as_distribution(q)
-    p = D.as_distribution(p)
+    res = exact_mean_sd(q, p, estimator)
+    if res is None:
+        return None
+    mean, sd = res
+    var = sd * sd
+    if math.isinf(var) and math.isfinite(sd):
+        raise KlestError(
+            f"the variance of {estimator}'s values is finite but beyond float64 (stdev {sd:.4g}); "
+            "use exact_mean_sd",
+            argument="estimator",
+        )
+    return mean, var
+
+
+def exact_mean_sd(q: Any, p: Any, estimator: str) -> tuple[float, float] | None:
+    """(E_q[v], sd_q[v]) of the per-sample values v of ``estimator``, as :func:`exact_moments`,
+    with the standard deviation computed as s·√(E_q[((v - E v)/s)²]) for a scale s (|E v|, the
+    values' size): finite wherever it is, even where the variance itself overflows
+    (v ~ 1e160 for p = N(0, 1e-80) against q = N(0, 1)). sd may be +inf (infinite variance)."""
+    q = as_distribution(q)
+    p = as_distribution(p)
     if q.dim != 1 or (isinstance(q, D.TorchDistribution) and not q.discrete):
         return None
     if estimator == "k_opt_crossfit":
@@ -1101,24 +1216,58 @@ def exact_moments(q: Any, p: Any, estimator: str) -> tuple[float, float] | None:
         def integ(g: Callable[[np.ndarray], np.ndarray], squared: bool = False) -> float:
             return _exact_sum(q, p, g, squared=squared)
 
+        def log_sq(g: Callable[[np.ndarray], np.ndarray]) -> float:
+            return _exact_log_sum_sq(q, p, g)
+
     elif _has_quantiles(q) and _has_quantiles(p):
 
         def integ(g: Callable[[np.ndarray], np.ndarray], squared: bool = False) -> float:
             return _quadrature(q, p, g, squared=squared)
 
+        def log_sq(g: Callable[[np.ndarray], np.ndarray]) -> float:
+            v = _quadrature(q, p, g, squared=True)
+            return math.log(v) if v > 0 else -math.inf
+
     else:
         return None
+
+    def root(log_v: float) -> float:
+        """√(e^log_v): finite where the variance itself would overflow; +inf for a divergent
+        second moment; refused where the finite standard deviation is beyond float64."""
+        if log_v < 1419.0 or math.isinf(log_v):
+            return math.exp(0.5 * log_v) if log_v < 1419.0 else math.inf
+        raise KlestError(
+            f"the exact stdev of {estimator}'s values is finite but about e^{0.5 * log_v:.6g}, "
+            "beyond float64",
+            argument="estimator",
+        )
+
+    def scale_of(m: float) -> float:
+        return abs(m) if math.isfinite(m) and abs(m) > 1.0 else 1.0
+
     if estimator == "k_opt":
+        # v = -L + λ*(r - 1): Var = Var(L) - Cov(L, r)²/Var(r), each moment of L scaled by s
         e = np.expm1
         mL = integ(lambda L: L)
         me = integ(lambda L: e(L))
-        vL = integ(lambda L: L - mL, squared=True)
-        ve = integ(lambda L: e(L) - me, squared=True)
-        if math.isinf(ve):  # Var(r) = inf: λ* = Cov/Var = 0, k_opt tends to k1
-            return (-mL, vL)
-        c = integ(lambda L: (L - mL) * (e(L) - me))
-        lam = c / ve if ve > 0 else 1.0
-        return (-mL + lam * me, max(vL - c * c / ve, 0.0) if ve > 0 else vL)
+        s = scale_of(mL)
+        vL = integ(lambda L: (L - mL) / s, squared=True)  # Var(L)/s²
+        log_ve = log_sq(lambda L: e(L) - me)
+        if log_ve > 700.0:  # Var(r) = inf or huge: λ* = Cov/Var -> 0, k_opt tends to k1
+            if math.isfinite(log_ve):  # the λ*-term's share of the variance is below 1e-300
+                c = integ(lambda L: (L - mL) / s * (e(L) - me))
+                if math.isfinite(c) and 2.0 * math.log(abs(c) + 1e-300) - log_ve > -650.0:
+                    raise KlestError(
+                        "k_opt's exact variance needs Cov(L, r)²/Var(r) beyond float64",
+                        argument="estimator",
+                    )
+            return (-mL, s * math.sqrt(vL))
+        ve = math.exp(log_ve)
+        c = integ(lambda L: (L - mL) / s * (e(L) - me))  # Cov(L, r)/s
+        lam = c * s / ve if ve > 0 else 1.0
+        if ve > 0:
+            return (-mL + lam * me, s * math.sqrt(max(vL - c * c / ve, 0.0)))
+        return (-mL, s * math.sqrt(vL))
 
     def v(L: np.ndarray) -> np.ndarray:
         return _per_sample_values(estimator, L)
@@ -1126,8 +1275,8 @@ def exact_moments(q: Any, p: Any, estimator: str) -> tuple[float, float] | None:
     mean = integ(v)
     if not math.isfinite(mean):
         return (mean, math.inf)
-    var = integ(lambda L: v(L) - mean, squared=True)
-    return (mean, var)
+    s = scale_of(mean)
+    return (mean, s * root(log_sq(lambda L: (v(L) - mean) / s)))
 
 
 def _linear_growth(g: Callable[[np.ndarray], np.ndarray]) -> Callable[[float], float] | None:

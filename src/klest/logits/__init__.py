@@ -10,7 +10,10 @@
 
 Every function streams over chunks of rows with a custom autograd Function that saves a few
 floats per row, accepts 16-bit logits (computed in float32) and a vocabulary-parallel
-``process_group``. Importing this module imports torch; importing ``klest`` does not.
+``process_group``; ``token_logprobs`` and ``full_kl`` also take the sampler's ``top_k``,
+``top_p``, ``min_p`` (the distribution vLLM or Hugging Face draws from). Second derivatives
+(``create_graph=True``, Hessian-vector products) are exact: backward then recomputes through
+differentiable torch ops. Importing this module imports torch; importing ``klest`` does not.
 """
 
 from ._api import (

@@ -8,10 +8,12 @@ from typing import Any, Literal
 
 import torch
 
+from .._torch import Aggregation, aggregate
 from ..errors import KlestError
 from ._hidden import KLHiddenFunction, TokenHiddenFunction
 from ._kl import InfGuard, KLFunction
 from ._pointwise import PointwiseFunction
+from ._process import SamplerOrder, check_sampling, floors
 from ._rows import (
     Group,
     Plan,
@@ -38,8 +40,6 @@ __all__ = [
 ]
 
 Direction = Literal["reverse", "forward"]
-# a klest.rl.aggregate mode: one of klest.rl.AGGREGATIONS, or "trl:<loss_type>"
-Aggregation = str
 
 
 @dataclass(frozen=True)
@@ -96,8 +96,6 @@ def finish(
     out = values.view(shape)
     if aggregation is None:
         return out
-    from ..rl.aggregate import aggregate
-
     return aggregate(out, mask, aggregation, distributed=distributed, group=data_group)
 
 
@@ -108,6 +106,10 @@ def full_kl(
     direction: Direction = "reverse",
     temperature: float = 1.0,
     *,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    sampler_order: SamplerOrder = "vllm",
     aggregation: Aggregation | None = None,
     chunk_size: int | None = None,
     process_group: Any = None,
@@ -137,6 +139,9 @@ def full_kl(
         direction: ``"reverse"`` KL(π‖π_ref) (the RLHF penalty) or ``"forward"`` KL(π_ref‖π)
             (distillation from a teacher π_ref).
         temperature: T > 0, divides both logit tensors.
+        top_k, top_p, min_p, sampler_order: the KL between the two *processed* distributions a
+            sampler draws from with these settings, each side filtered by its own values (see
+            :func:`token_logprobs`); +inf where π gives mass to a token π_ref's filter removes.
         aggregation: None (per position) or a :func:`klest.rl.aggregate` mode; ``distributed`` and
             ``data_group`` are passed to it (the *data-parallel* group, not ``process_group``).
         chunk_size: rows per chunk (default: about 128k elements per chunk).
@@ -157,9 +162,14 @@ def full_kl(
     """
     pr = prepare_pair(logits, ref_logits, mask, temperature, chunk_size, process_group)
     swap = check_direction(direction)
+    sp = check_sampling(top_k, top_p, min_p, sampler_order)
+    fl = None
+    if sp is not None:
+        fl = tuple(floors(sg, pr.plan, pr.inv_t, pr.cdt, pr.group, sp) for sg in pr.segs)
     values = KLFunction.apply(
-        pr.a, pr.b, pr.plan, pr.segs, swap, pr.inv_t, pr.group, pr.cdt, torch.is_grad_enabled()
-    )
+        pr.a, pr.b, pr.plan, pr.segs, swap, pr.inv_t, pr.group, pr.cdt, torch.is_grad_enabled(),
+        fl,
+    )  # fmt: skip
     return finish(values, pr.a.shape[:-1], mask, aggregation, distributed, data_group)
 
 
@@ -205,8 +215,13 @@ def token_logprobs(
     tokens: torch.Tensor,
     temperature: float = 1.0,
     *,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    sampler_order: SamplerOrder = "vllm",
     mask: Any = None,
     return_entropy: bool = False,
+    return_outside: bool = False,
     chunk_size: int | None = None,
     process_group: Any = None,
 ) -> Any:
@@ -225,15 +240,30 @@ def token_logprobs(
         tokens: integer ids of shape ``logits.shape[:-1]`` in [0, V) (global ids under
             ``process_group``; masked positions may hold anything, e.g. -100).
         temperature: T > 0.
+        top_k, top_p, min_p: the log-probability under the distribution a sampler draws from
+            (vLLM, Hugging Face): x = logits / T, then min-p (keep π(v) ≥ min_p · max π), then
+            top-k (keep the values ≥ the k-th largest: ties with it are kept), then top-p on the
+            distribution renormalised over what is left (keep the smallest set of most probable
+            tokens whose mass reaches p; the token that crosses p is kept, and every token tied
+            with it), renormalised: log π_S(t) = x_t − log Σ_{v∈S} e^{x_v}. None (or top_k 0
+            or −1, top_p 1, min_p 0) turns a filter off. A sampled token outside the kept set
+            has log-prob −inf (never renormalised away: it means the sampler and this call
+            disagree) and zero gradient; ``return_outside`` returns where that happened.
+        sampler_order: ``"vllm"`` (min-p before top-k/top-p, vLLM v1's sampler) or ``"hf"``
+            (min-p after top-p, Hugging Face ``generate``); they differ only when min-p and
+            top-p are both on.
         mask: per-position bool or 0/1: masked positions are not read, give 0 and zero gradient.
         return_entropy: also return the entropy H per position (with its gradient), computed in
-            the same pass.
+            the same pass (of the processed distribution when a filter is on).
+        return_outside: also return a bool tensor of the positions whose token lies outside the
+            kept set (their count is the number of disagreements with the sampler).
         chunk_size, process_group: as in :func:`full_kl`.
 
     Returns:
         log-probs of shape ``logits.shape[:-1]`` (float32, or float64 for float64 logits), or
-        ``(logprobs, entropy)`` when ``return_entropy``. A token whose logit is −inf has log-prob
-        −inf (its gradient is still finite).
+        the tuple ``(logprobs, entropy, outside)`` restricted to what ``return_entropy`` and
+        ``return_outside`` ask for. A token whose logit is −inf has log-prob −inf (its gradient
+        is still finite).
 
     >>> import torch
     >>> from klest.logits import token_logprobs
@@ -250,13 +280,20 @@ def token_logprobs(
     segs = rows_of(a)
     p = plan(a.numel() // V, V, [segs], m, chunk_size)
     entropy = bool(return_entropy)
-    lp, H, _ = TokenFunction.apply(
-        a, t[:, None], p, segs, inv_t, g, compute_dtype(a), entropy, False
-    )
+    cdt = compute_dtype(a)
+    sp = check_sampling(top_k, top_p, min_p, sampler_order)
+    fl = None if sp is None else floors(segs, p, inv_t, cdt, g, sp)
+    lp, H, _ = TokenFunction.apply(a, t[:, None], p, segs, inv_t, g, cdt, entropy, False, fl)
     shape = a.shape[:-1]
+    out = [lp.view(shape)]
     if return_entropy:
-        return lp.view(shape), H.view(shape)
-    return lp.view(shape)
+        out.append(H.view(shape))
+    if return_outside:
+        outside = lp.detach().view(shape) == -math.inf
+        if m is not None:
+            outside = outside & m.view(shape)
+        out.append(outside)
+    return out[0] if len(out) == 1 else tuple(out)
 
 
 def full_jsd(
@@ -361,6 +398,45 @@ def _plogp_ratio(l: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     val = torch.exp(l_s) * (l_s - m_s)
     val = torch.where(bad, torch.full_like(val, math.inf), val)
     return torch.where(zero, torch.zeros_like(val), val)
+
+
+def _log1mexp(c: torch.Tensor) -> torch.Tensor:
+    """log(1 − e^c) for c < 0 (−inf for c ≥ 0), accurate on both sides of −log 2, with finite
+    gradients wherever the value is finite."""
+    neg = c < 0
+    cs = torch.where(neg, c, torch.full_like(c, -1.0))
+    val = torch.where(cs > -math.log(2.0), torch.log(-torch.expm1(cs)), torch.log1p(-torch.exp(cs)))
+    return torch.where(neg, val, torch.full_like(val, -math.inf))
+
+
+def _coarsen(
+    r: torch.Tensor, lp: torch.Tensor, lrest: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The outcomes of the coarsened pair: (r, log π) of the top-k tokens kept as their own
+    outcomes (−inf for the others), log R and log R_ref of the rest.
+
+    R_ref = 1 − Σ_j e^{r_j} is computed as log1mexp(logsumexp r). When the returned top-k
+    probabilities sum to 1 or more, or so close to 1 that R_ref is below what rounding of the
+    r_j can resolve (4·k·eps of their dtype: a peaked float32 teacher), the least probable of
+    the top-k tokens are merged into the rest, one by one, until 1 − Σ_{kept} e^{r_j} exceeds
+    that (possibly all of them: one outcome, KL 0). That is a coarser partition of the same two
+    distributions, so the KL stays a finite lower bound (data-processing inequality) instead of
+    +inf, or of a large value made of rounding noise."""
+    order = torch.argsort(r.detach(), -1, descending=True)
+    rs, ls = r.gather(-1, order), lp.gather(-1, order)
+    tails = _log1mexp(torch.logcumsumexp(rs, -1))  # log(1 − Σ_{j≤i} e^{r_(j)})
+    keep = tails > math.log(4.0 * r.shape[-1] * eps)  # a prefix of each row (tails decrease)
+    n_keep = keep.sum(-1, keepdim=True)
+    last = (n_keep - 1).clamp(min=0)
+    lrest_ref = torch.where(
+        n_keep > 0, tails.gather(-1, last), torch.zeros_like(last, dtype=r.dtype)
+    )[..., 0]
+    neg = torch.full_like(rs, -math.inf)
+    some = (~keep).any(-1)
+    parts = torch.cat([lrest[..., None], torch.where(keep, neg, ls)], -1)
+    parts = torch.where(some[..., None], parts, torch.zeros_like(parts))  # no all −inf lse
+    merged = torch.where(some, torch.logsumexp(parts, -1), lrest)
+    return torch.where(keep, rs, neg), torch.where(keep, ls, neg), merged, lrest_ref
 
 
 def _check_topk(
@@ -515,9 +591,8 @@ def topk_kl(
     lp, _, lrest = TokenFunction.apply(a, idx, p, segs, inv_t, g, cdt, False, True)
     # [N, k] arithmetic in float64: 1 − Σ e^r cancels when the top-k hold most of the mass
     f64 = torch.float64
-    rr, lp, lrest = r.to(f64), lp.to(f64), lrest.to(f64)
-    lse_r = torch.logsumexp(rr, -1).clamp(max=0.0)
-    lrest_ref = torch.log(-torch.expm1(lse_r))  # log(1 − Σ e^r), −inf when Σ e^r ≥ 1
+    eps = torch.finfo(r.dtype).eps
+    rr, lp, lrest, lrest_ref = _coarsen(r.to(f64), lp.to(f64), lrest.to(f64), eps)
     if swap:
         terms = _plogp_ratio(rr, lp).sum(-1) + _plogp_ratio(lrest_ref, lrest)
     else:

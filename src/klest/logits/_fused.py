@@ -9,7 +9,7 @@ quantities come from three passes over each row (which stays in L2) in one compi
    NaN/+inf apply unchanged);
 2. e_v = e^{t_v}, t = x − m_x, and u = y − m_y: S_x = Σ e_v, S_y = Σ e^{u_v} and
    A = Σ e_v (t_v − u_v), summed in float64; then KL = A/S_x − log S_x + log S_y (the formula of
-   :mod:`klest.logits._kl`, with lse_x = m_x + log S_x);
+   :mod:`klest.logits._kl`; the normalisers are returned as c_x = log S_x, relative to m_x);
 3. when the gradient is wanted: ∂KL/∂x = (e_v/S_x)·((t_v − u_v) − (log S_x − log S_y) − KL)
    (e_v kept from pass 2 in the gradient's own row), or ∂KL/∂y = e^{u_v}/S_y − e_v/S_x.
 
@@ -58,7 +58,7 @@ def kl_rows(
 
     ``x``, ``y``: float32 [N, V] with unit stride along V; ``rows``: int64 row indices;
     ``grad``: float32 [N, V] (unit stride) to receive ∂KL/∂x (∂KL/∂y when ``swap``), or None;
-    ``stats``: float64 [N, 6] receiving (m_x, m_y, lse_x, lse_y, KL, bad) per listed row, bad = 1
+    ``stats``: float64 [N, 6] receiving (m_x, m_y, c_x, c_y, KL, bad) per listed row, bad = 1
     for a row holding a non-finite value (nothing else of that row is written)."""
     g = grad if grad is not None else np.empty((1, 1), dtype=np.float32)
     _rows(
@@ -216,8 +216,8 @@ if _nb is not None:
             kl = max(A / Sx - lsx + lsy, 0.0)
             stats[row, 0] = mx
             stats[row, 1] = my
-            stats[row, 2] = mx + lsx
-            stats[row, 3] = my + lsy
+            stats[row, 2] = lsx
+            stats[row, 3] = lsy
             stats[row, 4] = kl
             stats[row, 5] = 0.0
             if not want_grad:

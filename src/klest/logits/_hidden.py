@@ -17,9 +17,10 @@ import torch
 
 from ._kl import _combine as _combine_kl
 from ._kl import _local_stats, merge_kl, valid_rows
-from ._rows import Group, Plan, raise_bad_rows
+from ._rows import Group, Plan, raise_bad_rows, safe_max
 from ._tokens import _combine as _combine_tokens
 from ._tokens import here_ids, local_stats, merge_tokens, pack_tokens
+from ._twice import check_world, inf_rule, kl_rows, regrad, take, token_rows, valid_index
 
 __all__ = ["KLHiddenFunction", "TokenHiddenFunction"]
 
@@ -44,6 +45,11 @@ def _logits(
     if inv_t != 1.0:
         out.mul_(inv_t)
     return out
+
+
+def _logits_g(h: torch.Tensor, W: torch.Tensor, inv_t: float, cdt: torch.dtype) -> torch.Tensor:
+    """(h @ Wᵀ) · inv_t in ``cdt``, out of place (differentiable)."""
+    return (h.to(cdt) @ W.to(cdt).T) * inv_t
 
 
 def _vchunks(V: int, vc: int) -> list[tuple[int, int]]:
@@ -78,42 +84,54 @@ class KLHiddenFunction(torch.autograd.Function):
         (hx, Wx), (hy, Wy) = ((hr, Wr), (h, W)) if swap else ((h, W), (hr, Wr))
         f64 = torch.float64
         bl = _Blocks(_rows_max(plan), min(vc, V), 4, cdt, dev)
-        mx = torch.zeros(N, dtype=cdt, device=dev)
-        my = torch.zeros(N, dtype=cdt, device=dev)
+        mx = torch.zeros(N, dtype=f64, device=dev)
+        my = torch.zeros(N, dtype=f64, device=dev)
         LX = torch.zeros(N, dtype=f64, device=dev)
         LY = torch.zeros(N, dtype=f64, device=dev)
         KL = torch.zeros(N, dtype=f64, device=dev)
         for lo, hi in plan.chunks:
             n = hi - lo
             parts = []
-            bmx = torch.full((n,), _NEG, dtype=cdt, device=dev)
-            bmy = torch.full((n,), _NEG, dtype=cdt, device=dev)
             for vs, ve in _vchunks(V, vc):
                 x = _logits(hx[lo:hi], Wx[vs:ve], inv_t, cdt, bl.get(0, n, ve - vs))
                 y = _logits(hy[lo:hi], Wy[vs:ve], inv_t, cdt, bl.get(1, n, ve - vs))
                 a, b, lx, ly, kl, _ = _local_stats(
                     x, y, bl.get(2, n, ve - vs), bl.get(3, n, ve - vs)
                 )
-                torch.maximum(bmx, a, out=bmx)
-                torch.maximum(bmy, b, out=bmy)
-                parts.append(torch.stack([lx, ly, kl.to(f64)], 0))
-            mx[lo:hi], my[lo:hi] = bmx, bmy
-            LX[lo:hi], LY[lo:hi], KL[lo:hi] = merge_kl(torch.stack(parts, 0))
+                parts.append(torch.stack([a.to(f64), lx, b.to(f64), ly, kl.to(f64)], 0))
+            mx[lo:hi], LX[lo:hi], my[lo:hi], LY[lo:hi], KL[lo:hi] = merge_kl(torch.stack(parts, 0))
         names = ("ref_hidden", "hidden") if swap else ("hidden", "ref_hidden")
         raise_bad_rows(names[0], hx, mx, g)
         raise_bad_rows(names[1], hy, my, g)
-        LX, LY, KL, _, _ = _combine_kl(LX, LY, KL, g)
+        LX, LY, KL, _, _ = _combine_kl(mx, my, LX, LY, KL, g)
         KL = KL.clamp_min(0.0)
         if not plan.all_valid:
             KL = torch.where(valid_rows(plan, dev), KL, torch.zeros_like(KL))
-        ctx.save_for_backward(h, W, hr, Wr, LX, LY, KL)
+        ctx.save_for_backward(h, W, hr, Wr, LX, LY, KL, safe_max(mx), safe_max(my))
         ctx.plan, ctx.swap, ctx.inv_t, ctx.cdt, ctx.vc = plan, swap, inv_t, cdt, vc
+        ctx.g = g
         return KL.to(cdt)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
-        h, W, hr, Wr, LX, LY, KL = ctx.saved_tensors
+        h, W, hr, Wr, LX, LY, KL, MX, MY = ctx.saved_tensors
         plan: Plan = ctx.plan
+        if torch.is_grad_enabled():  # create_graph: a differentiable recomputation
+            check_world(ctx.g)
+            finite = torch.isfinite(KL)
+            idx = valid_index(plan, h.device)
+            idx = torch.nonzero(finite).flatten() if idx is None else idx[finite[idx]]
+            up = grad.reshape(-1)
+
+            def value() -> list[torch.Tensor]:
+                x = _logits_g(take(h, idx), W, ctx.inv_t, ctx.cdt)
+                y = _logits_g(take(hr, idx), Wr, ctx.inv_t, ctx.cdt)
+                return [kl_rows(y, x) if ctx.swap else kl_rows(x, y)]
+
+            out = regrad(value, [h, W, hr, Wr], ctx.needs_input_grad[:4], [up[idx]])
+            rows_bad = ~finite
+            out = [inf_rule(o, rows_bad, up) if i in (0, 2) else o for i, o in enumerate(out)]
+            return (*out, None, None, None, None, None, None)
         cdt, inv_t, vc = ctx.cdt, ctx.inv_t, ctx.vc
         need = ctx.needs_input_grad[:4]
         tensors = (h, W, hr, Wr)
@@ -127,8 +145,9 @@ class KLHiddenFunction(torch.autograd.Function):
         (hx, Wx), (hy, Wy) = (tensors[ix[0]], tensors[ix[1]]), (tensors[iy[0]], tensors[iy[1]])
         V = W.shape[0]
         scale = (grad.reshape(-1).to(torch.float64) * inv_t).to(cdt)
-        shift = (LX - LY + KL).to(cdt)
+        shift = (LX - LY + KL).to(cdt)  # log X − log Y − KL = (x − m_x) − (y − m_y) − shift
         lx, ly = LX.to(cdt), LY.to(cdt)
+        mx, my = MX.to(cdt), MY.to(cdt)
         bl = _Blocks(_rows_max(plan), min(vc, V), 4, cdt, h.device)
         for lo, hi in plan.chunks:
             n = hi - lo
@@ -138,8 +157,10 @@ class KLHiddenFunction(torch.autograd.Function):
                 m = ve - vs
                 x = _logits(hxc, Wx[vs:ve], inv_t, cdt, bl.get(0, n, m))
                 y = _logits(hyc, Wy[vs:ve], inv_t, cdt, bl.get(1, n, m))
+                x.sub_(mx[lo:hi, None])  # shifted by the row maxima from here on
+                y.sub_(my[lo:hi, None])
                 p = torch.sub(x, lx[lo:hi, None], out=bl.get(2, n, m)).exp_()
-                if need_x:  # G = p ⊙ ((x − y) − shift) · s
+                if need_x:  # G = p ⊙ ((x − m_x) − (y − m_y) − shift) · s
                     G = torch.sub(x, y, out=bl.get(3, n, m))
                     G.sub_(shift[lo:hi, None]).mul_(p).mul_(s)
                     _accumulate(acc, ix, G, hxc, Wx[vs:ve], lo, hi, vs, ve, cdt)
@@ -192,14 +213,13 @@ class TokenHiddenFunction(torch.autograd.Function):
         V = W.shape[0]
         f64 = torch.float64
         bl = _Blocks(_rows_max(plan), min(vc, V), 3, cdt, dev)
-        m = torch.zeros(N, dtype=cdt, device=dev)
+        m = torch.zeros(N, dtype=f64, device=dev)
         LSE = torch.zeros(N, dtype=f64, device=dev)
         XT = torch.zeros(N, 1, dtype=f64, device=dev)
         HH = torch.zeros(N, dtype=f64, device=dev)
         for lo, hi in plan.chunks:
             n = hi - lo
             parts = []
-            bm = torch.full((n,), _NEG, dtype=cdt, device=dev)
             for vs, ve in _vchunks(V, vc):
                 x = _logits(h[lo:hi], W[vs:ve], inv_t, cdt, bl.get(0, n, ve - vs))
                 mm, lse, xt, H, R, _ = local_stats(
@@ -211,19 +231,19 @@ class TokenHiddenFunction(torch.autograd.Function):
                     entropy,
                     False,
                 )
-                torch.maximum(bm, mm, out=bm)
-                parts.append(pack_tokens(lse, xt, H, R))
-            m[lo:hi] = bm
-            LSE[lo:hi], XT[lo:hi], HH[lo:hi], _ = merge_tokens(torch.stack(parts, 0), 1)
+                parts.append(pack_tokens(mm, lse, xt, H, R))
+            m[lo:hi], LSE[lo:hi], XT[lo:hi], HH[lo:hi], _, _ = merge_tokens(
+                torch.stack(parts, 0), 1
+            )
         raise_bad_rows("hidden", h, m, g)
-        LSE, XT, HH, _, _ = _combine_tokens(LSE, XT, HH, torch.ones_like(HH), g)
-        lp = XT[:, 0] - LSE
+        LSE, XT, HH, _, _ = _combine_tokens(m, LSE, XT, HH, torch.ones_like(HH), g)
+        lp = XT[:, 0]
         HH = HH.clamp_min(0.0)
         if not plan.all_valid:
             valid = valid_rows(plan, dev)
             lp = torch.where(valid, lp, torch.zeros_like(lp))
             HH = torch.where(valid, HH, torch.zeros_like(HH))
-        ctx.save_for_backward(h, W, tokens, LSE, HH)
+        ctx.save_for_backward(h, W, tokens, safe_max(m), LSE, HH)
         ctx.plan, ctx.inv_t, ctx.cdt, ctx.g, ctx.entropy, ctx.vc = plan, inv_t, cdt, g, entropy, vc
         outs = (lp.to(cdt), HH.to(cdt))
         if not entropy:
@@ -232,8 +252,22 @@ class TokenHiddenFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, g_lp: torch.Tensor, g_h: torch.Tensor | None) -> tuple[Any, ...]:
-        h, W, tokens, LSE, HH = ctx.saved_tensors
+        h, W, tokens, M, LSE, HH = ctx.saved_tensors
         plan: Plan = ctx.plan
+        if torch.is_grad_enabled():  # create_graph: a differentiable recomputation
+            check_world(ctx.g)
+            idx = valid_index(plan, h.device)
+            gH = g_h if ctx.entropy else None
+
+            def value() -> list[torch.Tensor | None]:
+                x = _logits_g(take(h, idx), W, ctx.inv_t, ctx.cdt)
+                tok = tokens if idx is None else tokens[idx]
+                lpk, H, _ = token_rows(x, tok, ctx.entropy, False)
+                return [lpk[:, 0], H]
+
+            ups = [take(g_lp.reshape(-1), idx), None if gH is None else take(gH.reshape(-1), idx)]
+            out = regrad(value, [h, W], ctx.needs_input_grad[:2], ups)
+            return (*out, None, None, None, None, None, None, None)
         cdt, inv_t, vc, g = ctx.cdt, ctx.inv_t, ctx.vc, ctx.g
         need_h, need_W = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         gh_acc = torch.zeros(h.shape, dtype=cdt, device=h.device) if need_h else None
@@ -241,7 +275,7 @@ class TokenHiddenFunction(torch.autograd.Function):
         acc = [gh_acc, gW_acc]
         gl = g_lp.reshape(-1).to(cdt)
         gH = None if (g_h is None or not ctx.entropy) else g_h.reshape(-1).to(cdt)
-        lse, H = LSE.to(cdt), HH.to(cdt)
+        lse, H, mc = LSE.to(cdt), HH.to(cdt), M.to(cdt)
         V = W.shape[0]
         bl = _Blocks(_rows_max(plan), min(vc, V), 2, cdt, h.device)
         for lo, hi in plan.chunks:
@@ -250,7 +284,8 @@ class TokenHiddenFunction(torch.autograd.Function):
             for vs, ve in _vchunks(V, vc):
                 mcols = ve - vs
                 x = _logits(hc, W[vs:ve], inv_t, cdt, bl.get(0, n, mcols))
-                G = torch.sub(x, lse[lo:hi, None], out=bl.get(1, n, mcols))  # log p
+                G = torch.sub(x, mc[lo:hi, None], out=bl.get(1, n, mcols))
+                G.sub_(lse[lo:hi, None])  # log p = (x − m) − c
                 if gH is None:  # −g_l p
                     G.exp_().mul_(-gl[lo:hi, None])
                 else:  # −p ⊙ (g_l + g_H (log p + H))

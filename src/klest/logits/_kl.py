@@ -1,15 +1,18 @@
 r"""Exact full-vocabulary KL between two softmaxes, streamed over row chunks (math.md §6).
 
 With x, y the two (temperature-scaled) logit rows, X = softmax x, Y = softmax y,
-m_x = max x, S_x = Σ e^{x - m_x} (likewise for y):
+m_x = max x, S_x = Σ e^{x - m_x} (likewise for y), c_x = log S_x:
 
 .. math::
 
     \mathrm{KL}(X\|Y) = \frac{1}{S_x}\sum_v e^{x_v - m_x}\big((x_v - m_x) - (y_v - m_y)\big)
                         - \log S_x + \log S_y
 
-(the shifts by the row maxima keep large logits from cancelling). Backward recomputes X and Y
-chunk by chunk from three saved floats per row (lse_x, lse_y, KL):
+(the shifts by the row maxima keep large logits from cancelling). Every log-probability is formed as
+log X_v = (x_v − m_x) − c_x: the normaliser is kept *relative to the row maximum* (m_x, c_x), never
+as the absolute log-sum-exp m_x + c_x, whose rounding loses c_x entirely when |m_x| ≫ c_x (a row of
+−1e17 in float64, or finfo.min: log X_v would come out 0 instead of −log V). Backward recomputes X
+and Y chunk by chunk from a few saved floats per row (m_x, m_y, c_x, c_y, KL):
 ∂KL/∂x = X ⊙ (log X − log Y − KL), ∂KL/∂y = Y − X.
 """
 
@@ -21,16 +24,29 @@ from typing import Any
 import torch
 
 from ._rows import Group, Plan, raise_bad_rows, safe_max
+from ._twice import check_world, inf_rule, kl_rows, regrad, take, valid_index
 
 __all__ = ["KLFunction"]
 
 _NEG = -math.inf
 
 
-def lse_from_softmax(m: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """log Σ_v e^{x_v} from the row max m and the softmax p: max_v p_v = 1/Σ e^{x - m} exactly
-    (up to one rounding), so lse = m − log max p. In float64."""
-    return m.to(torch.float64) - torch.log(torch.amax(p, dim=-1).to(torch.float64))
+def log_norm(p: torch.Tensor) -> torch.Tensor:
+    """c = log Σ_v e^{x_v − m} (m = max x) from the softmax p: max_v p_v = 1/Σ e^{x − m} exactly
+    (up to one rounding), so c = −log max p. In float64; NaN for an all −inf row."""
+    return -torch.log(torch.amax(p, dim=-1).to(torch.float64))
+
+
+def merge_norm(m: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(M, C, rel) of a row split into S disjoint parts, from each part's (m_s, c_s) ([S, N],
+    float64): M = max_s m_s, C = log Σ_s e^{(m_s − M) + c_s} (so log p_v = (x_v − M) − C), and
+    rel_s = (m_s − M) + c_s − C = log of part s's share of the mass (−inf for a part with none).
+    Only differences of maxima and the O(log V) c's are ever added: no absolute log-sum-exp."""
+    M = torch.amax(m, 0)
+    Ms = safe_max(M)
+    e = torch.where(m == _NEG, torch.full_like(c, _NEG), (m - Ms) + c)
+    C = torch.logsumexp(e, 0)
+    return M, C, e - C
 
 
 def row_dot(p: torch.Tensor, d: torch.Tensor, scratch: torch.Tensor | None) -> torch.Tensor:
@@ -49,7 +65,7 @@ def _local_stats(
     scratch: torch.Tensor | None = None,
     q_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool]:
-    """(m_x, m_y, lse_x, lse_y, KL, careful) of one chunk (this shard's part of the vocabulary
+    """(m_x, m_y, c_x, c_y, KL, careful) of one chunk (this shard's part of the vocabulary
     normalised on its own), with softmax(x) left in ``bp``, log X − log Y in ``bq`` and, when
     ``q_out`` is given, softmax(y) in it. ``careful``: some row holds −inf logits (or is all
     −inf)."""
@@ -57,8 +73,8 @@ def _local_stats(
     my = torch.amax(y, dim=-1)
     p = torch.softmax(x, -1, out=bp)
     q = torch.softmax(y, -1, out=bq if q_out is None else q_out)
-    lx = lse_from_softmax(mx, p)
-    ly = lse_from_softmax(my, q)
+    lx = log_norm(p)
+    ly = log_norm(q)
     # log p − log q = (x − m_x) − (y − m_y) − (log S_x − log S_y): the shifted logits keep the
     # digits that x − y would lose to rounding when a logit is large (x_v = 1e4: 6e-4 of KL)
     d = log_ratio_rows(x, y, mx, my, lx, ly, bq, scratch)
@@ -91,31 +107,29 @@ def log_ratio_rows(
     out: torch.Tensor,
     scratch: torch.Tensor | None,
 ) -> torch.Tensor:
-    """log X − log Y = (x − m_x) − (y − m_y) − ((lse_x − m_x) − (lse_y − m_y)) into ``out``
-    (m: any per-row reference, e.g. the row max; lse in float64). The shifted logits keep the
+    """log X − log Y = (x − m_x) − (y − m_y) − (c_x − c_y) into ``out`` (m: a per-row reference,
+    e.g. the row max; c = log Σ e^{x − m} relative to it, float64). The shifted logits keep the
     digits that x − y loses to rounding when a logit is large (x_v = 1e4 cost 6e-4 of the KL);
     an all −inf row's m counts as 0 (its entries are masked by the caller)."""
     mx, my = safe_max(mx), safe_max(my)
     u = torch.sub(y, my[:, None], out=scratch) if scratch is not None else y - my[:, None]
     d = torch.sub(x, mx[:, None], out=out)
-    c = (lx - mx.to(lx.dtype)) - (ly - my.to(ly.dtype))
-    return d.sub_(u).sub_(c.to(d.dtype)[:, None])
+    return d.sub_(u).sub_((lx - ly).to(d.dtype)[:, None])
 
 
 def merge_kl(
     every: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Whole-row (lse_x, lse_y, KL) from S disjoint parts of the vocabulary, ``every`` [S, 3, N]
-    holding each part's own (lse_x,s, lse_y,s, KL_s) (each part normalised on its own):
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Whole-row (m_x, c_x, m_y, c_y, KL) from S disjoint parts of the vocabulary, ``every``
+    [S, 5, N] (float64) holding each part's own (m_x,s, c_x,s, m_y,s, c_y,s, KL_s) (each part
+    normalised on its own), with rel_s = log of part s's share (:func:`merge_norm`):
 
-    KL = Σ_s w_s (KL_s + (lse_x,s − lse_x) − (lse_y,s − lse_y)), w_s = e^{lse_x,s − lse_x}."""
-    LX = torch.logsumexp(every[:, 0], 0)
-    LY = torch.logsumexp(every[:, 1], 0)
-    ex = every[:, 0] - LX
-    ey = every[:, 1] - LY
+    KL = Σ_s w_s (KL_s + rel_x,s − rel_y,s), w_s = e^{rel_x,s}."""
+    MX, CX, ex = merge_norm(every[:, 0], every[:, 1])
+    MY, CY, ey = merge_norm(every[:, 2], every[:, 3])
     w = torch.exp(ex)
-    terms = torch.where(w > 0, w * (every[:, 2] + ex - ey), torch.zeros_like(w))
-    return LX, LY, terms.sum(0)
+    terms = torch.where(w > 0, w * (every[:, 4] + ex - ey), torch.zeros_like(w))
+    return MX, CX, MY, CY, terms.sum(0)
 
 
 def gather(g: Group, mine: torch.Tensor) -> torch.Tensor:
@@ -128,17 +142,34 @@ def gather(g: Group, mine: torch.Tensor) -> torch.Tensor:
     return every.view(g.world, *mine.shape)
 
 
+def local_norm(M: torch.Tensor, C: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """The whole row's normaliser relative to this part's own maximum m: log p_v = (x_v − m) −
+    (C + (M − m)); 0 where the part holds no mass (m = −inf; its entries are masked)."""
+    md = m.to(torch.float64)
+    return torch.where(md == _NEG, torch.zeros_like(C), C + (M - md))
+
+
 def _combine(
-    lx: torch.Tensor, ly: torch.Tensor, kl: torch.Tensor, g: Group
+    mx: torch.Tensor,
+    my: torch.Tensor,
+    lx: torch.Tensor,
+    ly: torch.Tensor,
+    kl: torch.Tensor,
+    g: Group,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Whole-vocabulary (lse_x, lse_y, KL) from every shard's own, and the shard's weights
-    w_x = e^{lse_x,r − lse_x}, w_y (None when the vocabulary is not sharded): one all-gather of
-    3 floats per row."""
+    """Whole-vocabulary (c_x, c_y, KL) from every shard's own, the c's relative to this shard's
+    maxima (m_x, m_y), and the shard's weights w_x = its share of X's mass, w_y (None when the
+    vocabulary is not sharded): one all-gather of 5 floats per row."""
     if g.world == 1:
         return lx, ly, kl, None, None
-    every = gather(g, torch.stack([lx, ly, kl.to(torch.float64)], 0))
-    LX, LY, KL = merge_kl(every)
-    return LX, LY, KL, torch.exp(lx - LX), torch.exp(ly - LY)
+    f64 = torch.float64
+    mine = torch.stack([mx.to(f64), lx.to(f64), my.to(f64), ly.to(f64), kl.to(f64)], 0)
+    every = gather(g, mine)
+    MX, CX, MY, CY, KL = merge_kl(every)
+    _, _, relx = merge_norm(every[:, 0], every[:, 1])
+    _, _, rely = merge_norm(every[:, 2], every[:, 3])
+    cx, cy = local_norm(MX, CX, mx), local_norm(MY, CY, my)
+    return cx, cy, KL, torch.exp(relx[g.rank]), torch.exp(rely[g.rank])
 
 
 class KLFunction(torch.autograd.Function):
@@ -158,21 +189,23 @@ class KLFunction(torch.autograd.Function):
         g: Group,
         cdt: torch.dtype,
         grad_mode: bool = True,
+        floors: Floors = None,
     ) -> torch.Tensor:
         ga = early_grad(ctx.needs_input_grad, a, plan, g, cdt) if grad_mode else None
-        mx, my, lx, ly, kl, careful = chunk_pass(a, plan, segs, swap, inv_t, cdt, ga)
+        mx, my, lx, ly, kl, careful = chunk_pass(a, plan, segs, swap, inv_t, cdt, ga, floors)
         dev = a.device
         f64 = torch.float64
         names = ("ref_logits", "logits") if swap else ("logits", "ref_logits")
         raise_bad_rows(names[0], b if swap else a, mx, g)
         raise_bad_rows(names[1], a if swap else b, my, g)
-        LX, LY, KL, wx, wy = _combine(lx, ly, kl, g)
+        LX, LY, KL, wx, wy = _combine(mx, my, lx, ly, kl, g)
         KL = KL.to(f64).clamp_min(0.0)  # ≥ 0 exactly; rounding can leave −1e-8
         if not plan.all_valid:
             KL = torch.where(valid_rows(plan, dev), KL, torch.zeros_like(KL))
         ctx.save_for_backward(a, b, LX, LY, KL, mx, my)
         ctx.weights = (wx, wy)
         ctx.plan, ctx.segs, ctx.swap, ctx.inv_t, ctx.cdt = plan, segs, swap, inv_t, cdt
+        ctx.g, ctx.floors = g, floors
         ctx.careful = careful
         ctx.early, ctx.early_path = ga, ga is not None
         return KL.to(cdt)
@@ -184,14 +217,17 @@ class KLFunction(torch.autograd.Function):
         cdt = ctx.cdt
         wx, wy = ctx.weights
         need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if torch.is_grad_enabled():  # create_graph: a differentiable recomputation
+            ctx.early = None
+            return (*_kl_twice(ctx, a, b, KL, grad), *([None] * 8))
         if ctx.early_path:  # forward wrote ∂KL/∂a: only the upstream factor is left
             early, ctx.early = ctx.early, None
             if early is None:  # a second backward (retain_graph): forward's pass, bit for bit
                 early = grad_buffer(a, plan)
-                chunk_pass(a, plan, ctx.segs, ctx.swap, ctx.inv_t, cdt, early)
+                chunk_pass(a, plan, ctx.segs, ctx.swap, ctx.inv_t, cdt, early, ctx.floors)
             s = (grad.reshape(-1).to(torch.float64) * ctx.inv_t).to(cdt)[:, None]
             fix_inf_rows(early.view(-1, early.shape[-1]).mul_(s), torch.isinf(KL), s)
-            return early, None, None, None, None, None, None, None, None
+            return early, *([None] * 9)
         ga = grad_buffer(a, plan) if need_a else None
         gb = grad_buffer(b, plan) if need_b else None
         gx, gy = (gb, ga) if ctx.swap else (ga, gb)
@@ -200,7 +236,7 @@ class KLFunction(torch.autograd.Function):
         bp, bu = buffers(plan, a.shape[-1], cdt, a.device, 2)
         for c in plan.chunks:
             lo, hi = c
-            x, y = read_pair(plan, ctx.segs, c, cdt, ctx.inv_t, ctx.swap)
+            x, y = read_pair(plan, ctx.segs, c, cdt, ctx.inv_t, ctx.swap, ctx.floors)
             careful = bool(ctx.careful[lo:hi].any())
             p = softmax_rows(x, bp[: hi - lo], None if wx is None else wx[lo:hi], careful)
             s = scale[lo:hi, None]
@@ -220,7 +256,36 @@ class KLFunction(torch.autograd.Function):
                 out.sub_(p).mul_(s)
                 fix_inf_rows(out, inf_rows[lo:hi], s)
                 store(gy, c, out)
-        return ga, gb, None, None, None, None, None, None, None
+        return ga, gb, *([None] * 8)
+
+
+def _kl_twice(
+    ctx: Any, a: torch.Tensor, b: torch.Tensor, KL: torch.Tensor, grad: torch.Tensor
+) -> list[torch.Tensor | None]:
+    """Backward with ``create_graph``: the KL recomputed by differentiable torch ops on the
+    computed rows whose value is finite (:mod:`klest.logits._twice`)."""
+    check_world(ctx.g)
+    plan: Plan = ctx.plan
+    finite = torch.isfinite(KL)
+    idx = valid_index(plan, a.device)
+    keep = finite if idx is None else finite[idx]
+    idx = torch.nonzero(finite).flatten() if idx is None else idx[keep]
+    up = grad.reshape(-1)
+
+    fa, fb = (None, None) if ctx.floors is None else ctx.floors
+
+    def value() -> list[torch.Tensor]:
+        xa = apply_floor(take(a, idx).to(ctx.cdt) * ctx.inv_t, take_floor(fa, idx))
+        xb = apply_floor(take(b, idx).to(ctx.cdt) * ctx.inv_t, take_floor(fb, idx))
+        return [kl_rows(xb, xa) if ctx.swap else kl_rows(xa, xb)]
+
+    need = ctx.needs_input_grad[:2]
+    out = regrad(value, [a, b], need, [up[idx]])
+    return [inf_rule(o, ~finite, up) for o in out]
+
+
+def take_floor(f: torch.Tensor | None, idx: torch.Tensor | None) -> torch.Tensor | None:
+    return f if f is None or idx is None else f[idx]
 
 
 def chunk_pass(
@@ -231,17 +296,18 @@ def chunk_pass(
     inv_t: float,
     cdt: torch.dtype,
     ga: torch.Tensor | None,
+    floors: Floors = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Forward's pass over the chunks: per row (m_x, m_y, lse_x, lse_y, KL, careful) of this
+    """Forward's pass over the chunks: per row (m_x, m_y, c_x, c_y, KL, careful) of this
     shard, and, when ``ga`` is given, ∂KL/∂a written into it (a = x, or y when ``swap``).
 
     float32 CPU rows go through the compiled pass of :mod:`klest.logits._fused` when
     ``klest[fast]`` is used (the same quantities, three passes per row in one loop); rows it
     leaves (a non-finite logit) and every other case take the torch ops below."""
-    fused = _fused_pass(a, plan, segs, swap, inv_t, cdt, ga)
+    fused = None if floors is not None else _fused_pass(a, plan, segs, swap, inv_t, cdt, ga)
     if fused is not None:
         return fused
-    return _torch_pass(a, plan, segs, swap, inv_t, cdt, ga)
+    return _torch_pass(a, plan, segs, swap, inv_t, cdt, ga, floors)
 
 
 def _fused_pass(
@@ -314,6 +380,7 @@ def _torch_pass(
     inv_t: float,
     cdt: torch.dtype,
     ga: torch.Tensor | None,
+    floors: Floors = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`chunk_pass` by torch ops, chunk by chunk."""
     dev = a.device
@@ -328,7 +395,7 @@ def _torch_pass(
     careful = torch.zeros(N, dtype=torch.bool)
     for c in plan.chunks:
         lo, hi = c
-        x, y = read_pair(plan, segs, c, cdt, inv_t, swap)
+        x, y = read_pair(plan, segs, c, cdt, inv_t, swap, floors)
         n = hi - lo
         mine = None if ga is None else target(ga, c, cdt)  # a's gradient rows
         p = bp[0][:n] if mine is None or swap else mine
@@ -391,12 +458,29 @@ def read_pair(
     cdt: torch.dtype,
     inv_t: float,
     swap: bool,
+    floors: Floors = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The chunk's rows of both inputs in the computation dtype, scaled by 1/temperature:
-    (x, y) = (a, b), or (b, a) when ``swap``."""
+    """The chunk's rows of both inputs in the computation dtype, scaled by 1/temperature
+    (entries below ``floors`` of a and b set to −inf): (x, y) = (a, b), or (b, a) when
+    ``swap``."""
     a = scaled(plan.block(segs[0], c), cdt, inv_t)
     b = scaled(plan.block(segs[1], c), cdt, inv_t)
+    if floors is not None:
+        fa, fb = floors
+        a = apply_floor(a, None if fa is None else fa[c[0] : c[1]])
+        b = apply_floor(b, None if fb is None else fb[c[0] : c[1]])
     return (b, a) if swap else (a, b)
+
+
+def apply_floor(x: torch.Tensor, fl: torch.Tensor | None) -> torch.Tensor:
+    """x with the entries below the row's threshold ``fl`` ([n]) set to −inf: the sampler's
+    kept set (:mod:`klest.logits._process`). A new tensor; ``x`` itself when ``fl`` is None."""
+    if fl is None:
+        return x
+    return torch.where(x >= fl.to(x.dtype)[:, None], x, torch.full_like(x, _NEG))
+
+
+Floors = tuple[torch.Tensor | None, torch.Tensor | None] | None
 
 
 def scaled(block: torch.Tensor, cdt: torch.dtype, inv_t: float) -> torch.Tensor:

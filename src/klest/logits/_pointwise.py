@@ -12,9 +12,19 @@ P = softmax(y) (the reference π_ref), Q = softmax(x) (the policy π), t = log P
     D_\beta = \frac{\beta\,\mathrm{KL}(P\|M) + (1-\beta)\,\mathrm{KL}(Q\|M)}{\beta(1-\beta)}
             = -\frac{1}{1-\beta}\sum P\,v - \frac{1}{\beta}\sum Q\,u,
 
-u = log(M/Q) = log1p(β expm1(t)), v = log(M/P) = u − t (for β > ½ v is computed first, by the
-mirror formula, and u = v + t: the small side never cancels). ∂D/∂x = Q ⊙ (h − Σ Q h) with
-h = −u/β; ∂D/∂y = P ⊙ (k − Σ P k) with k = −v/(1 − β). Saved per row: lse_x, lse_y, Σ Q h, Σ P k.
+u = log(M/Q), v = log(M/P), h = −u/β, k = −v/(1 − β): D = Σ Q h + Σ P k,
+∂D/∂x = Q ⊙ (h − Σ Q h), ∂D/∂y = P ⊙ (k − Σ P k). Nothing is divided by β: for β ≤ ½, with
+z = β expm1(t) and φ(z) = log1p(z)/z (φ(0) = 1),
+
+.. math::
+
+    Q h = -(P - Q)\,\varphi(z), \qquad v = \log\big(\beta + (1-\beta)e^{-t}\big),
+
+both bounded whatever β (1e-320 included: no 1/β overflows, no 0·∞); for t > 20, z is formed in
+log space, log z = log β + log expm1(t), and φ = softplus(log z)·e^{−log z}. For β > ½ the same with
+the roles of P and Q (and of β and 1 − β) exchanged. t is formed from logits shifted by their row
+maxima, t = (y − m_y) − (x − m_x) − (c_y − c_x) (:mod:`klest.logits._kl`). Saved per row:
+m_x, m_y, c_x, c_y, Σ Q h, Σ P k.
 """
 
 from __future__ import annotations
@@ -24,56 +34,41 @@ from typing import Any
 
 import torch
 
-from ._kl import buffers, gather, grad_buffer, lse_from_softmax, read_pair, store, target
+from ._kl import (
+    buffers,
+    gather,
+    grad_buffer,
+    local_norm,
+    log_norm,
+    merge_norm,
+    read_pair,
+    store,
+    target,
+)
 from ._kl import valid_rows as _valid_rows
-from ._rows import Group, Plan, raise_bad_rows
+from ._mix import jsd_entries
+from ._rows import Group, Plan, raise_bad_rows, safe_max
+from ._twice import check_world, pointwise_rows, regrad, take, valid_index
 
 __all__ = ["PointwiseFunction"]
 
 _NEG = -math.inf
-_T0 = 20.0  # above this log-ratio, e^t ≫ 1 and the logaddexp form is exact to rounding
-
-
-def log_mix_ratio(t: torch.Tensor, w: float, out: torch.Tensor) -> torch.Tensor:
-    """log((1 − w) + w e^t) without cancellation: log1p(w expm1(t)) for t ≤ 20, else
-    log w + t + log1p((1 − w) e^{−t} / w). t = −inf gives log(1 − w); t = +inf gives +inf."""
-    torch.clamp(t, max=_T0, out=out)
-    out.expm1_().mul_(w).log1p_()
-    big = t > _T0
-    if bool(big.any()):
-        hi = torch.logaddexp(torch.full_like(t, math.log1p(-w)), t + math.log(w))
-        out.copy_(torch.where(big, hi, out))
-    return out
-
-
-def _probs(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    bp: torch.Tensor,
-    bq: torch.Tensor,
-    lse: tuple[torch.Tensor, torch.Tensor] | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(Q, P, lse_x, lse_y): whole-vocabulary probabilities of this chunk (float64 lse).
-
-    ``lse`` None: this shard is the whole vocabulary, the softmax normalises it."""
-    if lse is None:
-        Q = torch.softmax(x, -1, out=bp)
-        P = torch.softmax(y, -1, out=bq)
-        lx = lse_from_softmax(torch.amax(x, dim=-1), Q)
-        ly = lse_from_softmax(torch.amax(y, dim=-1), P)
-        return Q, P, lx, ly
-    lx, ly = lse
-    Q = torch.sub(x, lx.to(x.dtype)[:, None], out=bp).exp_()
-    P = torch.sub(y, ly.to(y.dtype)[:, None], out=bq).exp_()
-    return Q, P, lx, ly
 
 
 def _log_ratio(
-    x: torch.Tensor, y: torch.Tensor, lx: torch.Tensor, ly: torch.Tensor, out: torch.Tensor
+    x: torch.Tensor,
+    y: torch.Tensor,
+    mx: torch.Tensor,
+    my: torch.Tensor,
+    cx: torch.Tensor,
+    cy: torch.Tensor,
+    out: torch.Tensor,
 ) -> torch.Tensor:
-    """t = log P − log Q = (y − x) − (lse_y − lse_x)."""
-    torch.sub(y, x, out=out)
-    return out.sub_((ly - lx).to(out.dtype)[:, None])
+    """t = log P − log Q = ((y − m_y) − (x − m_x)) − (c_y − c_x)."""
+    mx, my = safe_max(mx), safe_max(my)
+    torch.sub(y, my.to(y.dtype)[:, None], out=out)
+    out.sub_(x - mx.to(x.dtype)[:, None])  # both shifted first: x − y alone loses digits
+    return out.sub_((cy - cx).to(out.dtype)[:, None])
 
 
 def _jsd_terms(
@@ -81,29 +76,15 @@ def _jsd_terms(
     y: torch.Tensor,
     Q: torch.Tensor,
     P: torch.Tensor,
-    lx: torch.Tensor,
-    ly: torch.Tensor,
+    norms: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
     beta: float,
     bt: torch.Tensor,
-    bu: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(u, v) with zeros where Q = 0 (in u) and where P = 0 (in v): each is only ever multiplied
-    by its own weight."""
-    t = _log_ratio(x, y, lx, ly, bt)
-    if beta <= 0.5:
-        u = log_mix_ratio(t, beta, bu)
-        v = torch.sub(u, t, out=bt)
-    else:
-        t.neg_()  # log Q − log P
-        v = log_mix_ratio(t, 1.0 - beta, bu)
-        u = torch.sub(v, t, out=bt)
-    # one side masks a token the other gives mass: t = ±inf and u − t or v + t is inf − inf;
-    # the limits are v = log(M/P) = log β where Q = 0 and u = log(M/Q) = log(1 − β) where P = 0
-    v.masked_fill_(x == _NEG, math.log(beta))
-    u.masked_fill_(y == _NEG, math.log1p(-beta))
-    u.masked_fill_(x == _NEG, 0.0)
-    v.masked_fill_(y == _NEG, 0.0)
-    return u, v
+    """(Q h, P k) per entry (h = −u/β, k = −v/(1 − β)), 0 where the weight is 0 by a −inf
+    logit."""
+    mx, my, cx, cy = norms
+    t = _log_ratio(x, y, mx, my, cx, cy, bt)
+    return jsd_entries(t, x == _NEG, y == _NEG, Q, P, beta)
 
 
 class PointwiseFunction(torch.autograd.Function):
@@ -125,70 +106,65 @@ class PointwiseFunction(torch.autograd.Function):
         dev = a.device
         N = plan.n_rows
         f64 = torch.float64
-        bp, bq, bt, bu = buffers(plan, a.shape[-1], cdt, dev, 4)
-        lse = _global_lse(a, b, plan, segs, inv_t, g, cdt, bp)
-        LX = torch.zeros(N, dtype=f64, device=dev)
-        LY = torch.zeros(N, dtype=f64, device=dev)
+        bp, bq, bt = buffers(plan, a.shape[-1], cdt, dev, 3)
+        given = _global_norm(a, b, plan, segs, inv_t, g, cdt, bp)
+        norms = torch.zeros(4, N, dtype=f64, device=dev) if given is None else given
         sums = torch.zeros(N, 3, dtype=f64, device=dev)  # value, A = Σ Q h, B = Σ P k
-        maxima = torch.zeros(2, N, dtype=cdt, device=dev)
         for c in plan.chunks:
             lo, hi = c
             n = hi - lo
             x, y = read_pair(plan, segs, c, cdt, inv_t, False)
-            given = None if lse is None else (lse[0][lo:hi], lse[1][lo:hi])
-            Q, P, lx, ly = _probs(x, y, bp[:n], bq[:n], given)
-            LX[lo:hi], LY[lo:hi] = lx, ly
-            if lse is None:
-                maxima[0, lo:hi] = torch.amax(x, dim=-1)
-                maxima[1, lo:hi] = torch.amax(y, dim=-1)
-            if kind == "tv":
-                s = torch.sub(Q, P, out=bt[:n]).sign_()
-                A = torch.linalg.vecdot(Q, s)
-                B = torch.linalg.vecdot(P, s)
-                val = 0.5 * (A - B)
-            else:
-                u, v = _jsd_terms(x, y, Q, P, lx, ly, beta, bt[:n], bu[:n])
-                A = -torch.linalg.vecdot(Q, u) / beta  # Σ Q h
-                B = -torch.linalg.vecdot(P, v) / (1.0 - beta)  # Σ P k
-                val = A + B
+            Q, P, nm = _probs(x, y, bp[:n], bq[:n], None if given is None else given[:, lo:hi])
+            norms[:, lo:hi] = torch.stack(nm, 0)
+            val, A, B = _row_terms(kind, x, y, Q, P, nm, beta, bt[:n])
             sums[lo:hi] = torch.stack([val, A, B], 1).to(f64)
-        if lse is None:
-            raise_bad_rows("logits", a, maxima[0], g)
-            raise_bad_rows("ref_logits", b, maxima[1], g)
-        else:
-            LX, LY = lse
+        if given is None:
+            raise_bad_rows("logits", a, norms[0], g)
+            raise_bad_rows("ref_logits", b, norms[1], g)
         g.sum_(sums)
         val = sums[:, 0].clamp_min(0.0)
         if not plan.all_valid:
             val = torch.where(_valid_rows(plan, dev), val, torch.zeros_like(val))
-        ctx.save_for_backward(a, b, LX, LY, sums[:, 1].clone(), sums[:, 2].clone())
-        ctx.plan, ctx.segs, ctx.kind, ctx.beta, ctx.inv_t, ctx.cdt = (
+        ctx.save_for_backward(a, b, norms, sums[:, 1].clone(), sums[:, 2].clone())
+        ctx.plan, ctx.segs, ctx.kind, ctx.beta, ctx.inv_t, ctx.cdt, ctx.g = (
             plan,
             segs,
             kind,
             beta,
             inv_t,
             cdt,
+            g,
         )
-        ctx.sharded = lse is not None
         return val.to(cdt)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
-        a, b, LX, LY, A, B = ctx.saved_tensors
+        a, b, norms, A, B = ctx.saved_tensors
         plan: Plan = ctx.plan
         cdt = ctx.cdt
         beta = ctx.beta
+        if torch.is_grad_enabled():  # create_graph: a differentiable recomputation
+            check_world(ctx.g)
+            idx = valid_index(plan, a.device)
+
+            def value() -> list[torch.Tensor]:
+                x = take(a, idx).to(cdt) * ctx.inv_t
+                y = take(b, idx).to(cdt) * ctx.inv_t
+                return [pointwise_rows(x, y, ctx.kind, beta)]
+
+            need = ctx.needs_input_grad[:2]
+            ga2, gb2 = regrad(value, [a, b], need, [take(grad.reshape(-1), idx)])
+            return ga2, gb2, None, None, None, None, None, None, None
         ga = grad_buffer(a, plan) if ctx.needs_input_grad[0] else None
         gb = grad_buffer(b, plan) if ctx.needs_input_grad[1] else None
         scale = (grad.reshape(-1).to(torch.float64) * ctx.inv_t).to(cdt)
-        bp, bq, bt, bu = buffers(plan, a.shape[-1], cdt, a.device, 4)
+        bp, bq, bt = buffers(plan, a.shape[-1], cdt, a.device, 3)
         Ac, Bc = A.to(cdt), B.to(cdt)
         for c in plan.chunks:
             lo, hi = c
             n = hi - lo
             x, y = read_pair(plan, ctx.segs, c, cdt, ctx.inv_t, False)
-            Q, P, lx, ly = _probs(x, y, bp[:n], bq[:n], (LX[lo:hi], LY[lo:hi]))
+            Q, P, nm = _probs(x, y, bp[:n], bq[:n], norms[:, lo:hi])
             s = scale[lo:hi, None]
             if ctx.kind == "tv":
                 sg = torch.sub(Q, P, out=bt[:n]).sign_()
@@ -201,19 +177,69 @@ class PointwiseFunction(torch.autograd.Function):
                     torch.sub(sg, Bc[lo:hi, None], out=out).mul_(P).mul_(-0.5 * s)
                     store(gb, c, out)
                 continue
-            u, v = _jsd_terms(x, y, Q, P, lx, ly, beta, bt[:n], bu[:n])
-            if ga is not None:  # Q ⊙ (−u/β − A)
+            qh, pk = _jsd_terms(x, y, Q, P, nm, beta, bt[:n])
+            if ga is not None:  # Q ⊙ (h − A) = Q h − Q A
                 out = target(ga, c, cdt)
-                torch.mul(u, -1.0 / beta, out=out).sub_(Ac[lo:hi, None]).mul_(Q).mul_(s)
+                torch.mul(Q, Ac[lo:hi, None], out=out).neg_().add_(qh).mul_(s)
                 store(ga, c, out)
-            if gb is not None:  # P ⊙ (−v/(1−β) − B)
+            if gb is not None:  # P ⊙ (k − B)
                 out = target(gb, c, cdt)
-                torch.mul(v, -1.0 / (1.0 - beta), out=out).sub_(Bc[lo:hi, None]).mul_(P).mul_(s)
+                torch.mul(P, Bc[lo:hi, None], out=out).neg_().add_(pk).mul_(s)
                 store(gb, c, out)
         return ga, gb, None, None, None, None, None, None, None
 
 
-def _global_lse(
+Norms = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _probs(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    bp: torch.Tensor,
+    bq: torch.Tensor,
+    given: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, Norms]:
+    """(Q, P, (m_x, m_y, c_x, c_y)): whole-vocabulary probabilities of this chunk, row maxima
+    and normalisers relative to them (float64).
+
+    ``given`` None: this shard is the whole vocabulary, the softmax normalises it."""
+    if given is None:
+        Q = torch.softmax(x, -1, out=bp)
+        P = torch.softmax(y, -1, out=bq)
+        mx = torch.amax(x, dim=-1).to(torch.float64)
+        my = torch.amax(y, dim=-1).to(torch.float64)
+        return Q, P, (mx, my, log_norm(Q), log_norm(P))
+    mx, my, cx, cy = given.unbind(0)
+    Q = torch.sub(x, safe_max(mx).to(x.dtype)[:, None], out=bp)
+    Q.sub_(cx.to(x.dtype)[:, None]).exp_()
+    P = torch.sub(y, safe_max(my).to(y.dtype)[:, None], out=bq)
+    P.sub_(cy.to(y.dtype)[:, None]).exp_()
+    return Q, P, (mx, my, cx, cy)
+
+
+def _row_terms(
+    kind: str,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    Q: torch.Tensor,
+    P: torch.Tensor,
+    nm: Norms,
+    beta: float,
+    bt: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(value, A, B) of one chunk's rows (this shard's part of the sums)."""
+    if kind == "tv":
+        s = torch.sub(Q, P, out=bt).sign_()
+        A = torch.linalg.vecdot(Q, s)
+        B = torch.linalg.vecdot(P, s)
+        return 0.5 * (A - B), A, B
+    qh, pk = _jsd_terms(x, y, Q, P, nm, beta, bt)
+    A = qh.sum(-1)  # Σ Q h
+    B = pk.sum(-1)  # Σ P k
+    return A + B, A, B
+
+
+def _global_norm(
     a: torch.Tensor,
     b: torch.Tensor,
     plan: Plan,
@@ -222,24 +248,30 @@ def _global_lse(
     g: Group,
     cdt: torch.dtype,
     buf: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Whole-vocabulary lse of both rows (float64) when the vocabulary is sharded (a first pass
+) -> torch.Tensor | None:
+    """[4, N] float64 (m_x, m_y, c_x, c_y) of both rows, m this shard's maxima and c the
+    whole-vocabulary normaliser relative to them, when the vocabulary is sharded (a first pass
     and one all-gather); None otherwise (the softmax of each chunk is already global)."""
     if g.world == 1:
         return None
     dev = a.device
     N = plan.n_rows
-    m = torch.zeros(2, N, dtype=cdt, device=dev)
-    lse = torch.full((2, N), _NEG, dtype=torch.float64, device=dev)
-    for c in plan.chunks:
-        lo, hi = c
-        x, y = read_pair(plan, segs, c, cdt, inv_t, False)
+    f64 = torch.float64
+    m = torch.zeros(2, N, dtype=f64, device=dev)
+    c = torch.full((2, N), _NEG, dtype=f64, device=dev)
+    for ch in plan.chunks:
+        lo, hi = ch
+        x, y = read_pair(plan, segs, ch, cdt, inv_t, False)
         for i, z in enumerate((x, y)):
-            m[i, lo:hi] = torch.amax(z, dim=-1)
-            p = torch.softmax(z, -1, out=buf[: hi - lo])
-            lse[i, lo:hi] = lse_from_softmax(m[i, lo:hi], p)  # NaN on an all −inf shard row
+            m[i, lo:hi] = torch.amax(z, dim=-1).to(f64)
+            c[i, lo:hi] = log_norm(torch.softmax(z, -1, out=buf[: hi - lo]))  # NaN if all −inf
     raise_bad_rows("logits", a, m[0], g)
     raise_bad_rows("ref_logits", b, m[1], g)
-    lse = torch.where(m == _NEG, torch.full_like(lse, _NEG), lse)
-    L = torch.logsumexp(gather(g, lse), 0)
-    return L[0], L[1]
+    c = torch.where(m == _NEG, torch.full_like(c, _NEG), c)
+    every = gather(g, torch.stack([m, c], 0))  # [S, 2, 2, N]
+    out = torch.empty(4, N, dtype=f64, device=dev)
+    for i in range(2):
+        M, C, _ = merge_norm(every[:, 0, i], every[:, 1, i])
+        out[i] = m[i]
+        out[2 + i] = local_norm(M, C, m[i])
+    return out

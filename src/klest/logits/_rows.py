@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from .._torch import check_mask
 from ..errors import KlestError
 
 __all__ = [
@@ -157,8 +158,6 @@ def plan(
 
 def flat_mask(mask: Any, shape: torch.Size, device: torch.device) -> torch.Tensor | None:
     """The per-position mask (bool or 0/1) as given by :func:`klest.rl.aggregate`'s rules."""
-    from ..rl._inputs import check_mask
-
     return check_mask(mask, shape, device)
 
 

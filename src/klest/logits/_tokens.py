@@ -1,10 +1,10 @@
 r"""Log-probs of given tokens and the entropy per position, streamed over row chunks.
 
-With x the (temperature-scaled) logit row, lse = log Σ_v e^{x_v}, p = softmax x:
+With x the (temperature-scaled) logit row, m = max x, c = log Σ_v e^{x_v − m}, p = softmax x:
 
 .. math::
 
-    \log p_t = x_t - \mathrm{lse}, \qquad H = -\sum_v p_v \log p_v,
+    \log p_t = (x_t - m) - c, \qquad H = -\sum_v p_v \log p_v,
 
     \frac{\partial \log p_t}{\partial x_v} = [v = t] - p_v, \qquad
     \frac{\partial H}{\partial x_v} = -p_v(\log p_v + H).
@@ -13,7 +13,9 @@ With several tokens per row (the top-k indices K) the same pass also gives the e
 the rest, R = Σ_{v∉K} p_v (summed over the rest, not 1 − Σ_K p: no cancellation), with
 ∂ log R/∂x_v = p_v (1[v∉K]/R − 1).
 
-Forward saves lse, H and R per row; backward recomputes p chunk by chunk.
+The normaliser is kept relative to the row maximum (m, c), never as m + c, which rounds c away
+when |m| ≫ c (:mod:`klest.logits._kl`). Forward saves m, c, H and R per row; backward recomputes
+p chunk by chunk.
 """
 
 from __future__ import annotations
@@ -24,16 +26,21 @@ from typing import Any
 import torch
 
 from ._kl import (
+    apply_floor,
     buffers,
+    gather,
     grad_buffer,
-    lse_from_softmax,
+    local_norm,
+    log_norm,
+    merge_norm,
     softmax_rows,
     store,
     target,
     valid_rows,
 )
 from ._kl import scaled as _scaled
-from ._rows import Group, Plan, raise_bad_rows
+from ._rows import Group, Plan, raise_bad_rows, safe_max
+from ._twice import check_world, regrad, take, token_rows, valid_index
 
 __all__ = ["TokenFunction"]
 
@@ -49,22 +56,25 @@ def local_stats(
     entropy: bool,
     rest: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool]:
-    """(m, lse, x_K (0 where a token is on another shard), H, R, careful) of one chunk, this
-    shard normalised on its own. ``tok`` [n, k]."""
+    """(m, c, log p_K (float64, −inf where a token is on another shard), H, R, careful) of one
+    chunk, this shard normalised on its own. ``tok`` [n, k]."""
     m = torch.amax(x, dim=-1)
     p = torch.softmax(x, -1, out=bp)
-    lse = lse_from_softmax(m, p)
+    c = log_norm(p)
     here, local = here_ids(tok, offset, x.shape[-1])
-    xt = x.gather(1, local)
-    xt = torch.where(here, xt, torch.zeros_like(xt))
+    ms = safe_max(m)
+    f64 = torch.float64
+    xt = (x.gather(1, local) - ms[:, None]).to(f64) - c[:, None]  # (x_t − m) − c
+    xt = torch.where(here, xt, torch.full_like(xt, _NEG))
     careful = bool((m == _NEG).any())
     if careful:  # an all −inf row (on this shard): no mass here
         p.masked_fill_(x == _NEG, 0.0)
-        lse = torch.where(m == _NEG, torch.full_like(lse, _NEG), lse)
+        c = torch.where(m == _NEG, torch.full_like(c, _NEG), c)
+        xt = torch.where((m == _NEG)[:, None], torch.full_like(xt, _NEG), xt)
     H = torch.zeros_like(m)
     if entropy:
         assert bq is not None
-        logp = torch.sub(x, lse.to(x.dtype)[:, None], out=bq)
+        logp = torch.sub(x, ms[:, None], out=bq).sub_(c.to(x.dtype)[:, None])
         H = -torch.linalg.vecdot(p, logp)
         careful = careful or bool(torch.isnan(H).any())
         if careful:  # −inf logits: p_v log p_v = 0 there
@@ -76,7 +86,7 @@ def local_stats(
         pk = p.gather(1, local)
         p.scatter_add_(1, local, torch.where(here, -pk, torch.zeros_like(pk)))  # p_K = 0 exactly
         R = p.sum(-1)
-    return m, lse, xt, H, R, careful
+    return m, c, xt, H, R, careful
 
 
 def here_ids(tok: torch.Tensor, offset: int, vocab_local: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,6 +111,7 @@ class TokenFunction(torch.autograd.Function):
         cdt: torch.dtype,
         entropy: bool,
         rest: bool,
+        floor: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         dev = a.device
         N = plan.n_rows
@@ -109,13 +120,13 @@ class TokenFunction(torch.autograd.Function):
         f64 = torch.float64
         m = torch.zeros(N, dtype=cdt, device=dev)
         lse = torch.zeros(N, dtype=f64, device=dev)
-        xt = torch.zeros(tokens.shape, dtype=cdt, device=dev)
+        xt = torch.zeros(tokens.shape, dtype=f64, device=dev)
         H = torch.zeros(N, dtype=cdt, device=dev)
         R = torch.ones(N, dtype=cdt, device=dev)
         careful = torch.zeros(N, dtype=torch.bool)
         for c in plan.chunks:
             lo, hi = c
-            x = _scaled(plan.block(segs, c), cdt, inv_t)
+            x = apply_floor(_scaled(plan.block(segs, c), cdt, inv_t), _part(floor, c))
             n = hi - lo
             out = local_stats(
                 x, tokens[lo:hi], bp[:n], None if bq is None else bq[:n], g.offset, entropy, rest
@@ -124,8 +135,7 @@ class TokenFunction(torch.autograd.Function):
             if care:
                 careful[lo:hi] = True
         raise_bad_rows("logits", a, m, g)
-        LSE, XT, HH, RR, w = _combine(lse, xt, H, R, g)
-        lp = XT.to(f64) - LSE[:, None]
+        LSE, lp, HH, RR, w = _combine(m, lse, xt, H, R, g)
         HH = HH.to(f64).clamp_min(0.0)  # ≥ 0 exactly
         RR = RR.to(f64)
         if not plan.all_valid:
@@ -133,10 +143,11 @@ class TokenFunction(torch.autograd.Function):
             lp = torch.where(valid[:, None], lp, torch.zeros_like(lp))
             HH = torch.where(valid, HH, torch.zeros_like(HH))
             RR = torch.where(valid, RR, torch.ones_like(RR))
-        ctx.save_for_backward(a, tokens, LSE, HH, RR)
+        ctx.save_for_backward(a, tokens, m, LSE, HH, RR)
+        ctx.outside = lp == _NEG if floor is not None else None
         ctx.w = w
         ctx.plan, ctx.segs, ctx.inv_t, ctx.cdt, ctx.g = plan, segs, inv_t, cdt, g
-        ctx.careful, ctx.entropy, ctx.rest = careful, entropy, rest
+        ctx.careful, ctx.entropy, ctx.rest, ctx.floor = careful, entropy, rest, floor
         outs = (lp.to(cdt), HH.to(cdt), torch.log(RR).to(cdt))
         if not entropy:
             ctx.mark_non_differentiable(outs[1])
@@ -148,15 +159,20 @@ class TokenFunction(torch.autograd.Function):
     def backward(
         ctx: Any, g_lp: torch.Tensor, g_h: torch.Tensor | None, g_r: torch.Tensor | None
     ) -> tuple[Any, ...]:
-        a, tokens, LSE, HH, RR = ctx.saved_tensors
+        a, tokens, M, LSE, HH, RR = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
-            return (None,) * 9
+            return (None,) * 10
+        if torch.is_grad_enabled():  # create_graph: a differentiable recomputation
+            ga2 = _token_twice(ctx, a, tokens, g_lp, g_h, g_r)
+            return ga2, *([None] * 9)
         plan: Plan = ctx.plan
         cdt = ctx.cdt
         g: Group = ctx.g
         inv_t = ctx.inv_t
         f64 = torch.float64
         gl = g_lp.to(f64)
+        if ctx.floor is not None:  # a token outside the kept set: log-prob −inf whatever x is
+            gl = torch.where(ctx.outside, torch.zeros_like(gl), gl)
         gh = None if (g_h is None or not ctx.entropy) else g_h.reshape(-1).to(cdt)
         gr = None if (g_r is None or not ctx.rest) else g_r.reshape(-1).to(f64)
         # out = p ⊙ (c1 − g_H (log p + H)) − (g_R/R) p 1[v∈K] + Σ_j g_j 1[v = K_j],
@@ -172,11 +188,12 @@ class TokenFunction(torch.autograd.Function):
         ga = grad_buffer(a, plan)
         (bp,) = buffers(plan, a.shape[-1], cdt, a.device, 1)
         lse = LSE.to(cdt)
+        M = safe_max(M)
         H = HH.to(cdt)
         w = ctx.w
         for c in plan.chunks:
             lo, hi = c
-            x = _scaled(plan.block(ctx.segs, c), cdt, inv_t)
+            x = apply_floor(_scaled(plan.block(ctx.segs, c), cdt, inv_t), _part(ctx.floor, c))
             careful = bool(ctx.careful[lo:hi].any())
             out = target(ga, c, cdt)
             wc = None if w is None else w[lo:hi]
@@ -187,8 +204,8 @@ class TokenFunction(torch.autograd.Function):
             else:
                 p = softmax_rows(x, bp[: hi - lo], wc, careful)
                 pk = p.gather(1, here_ids(tokens[lo:hi], g.offset, x.shape[-1])[1])
-                torch.sub(x, lse[lo:hi, None], out=out)
-                out.add_(H[lo:hi, None])
+                torch.sub(x, M[lo:hi, None], out=out)
+                out.sub_(lse[lo:hi, None]).add_(H[lo:hi, None])
                 if careful:
                     out.masked_fill_(x == _NEG, 0.0)
                 out.mul_(-gh[lo:hi, None]).add_(c1[lo:hi, None]).mul_(p)
@@ -200,39 +217,77 @@ class TokenFunction(torch.autograd.Function):
             if inv_t != 1.0:
                 out.mul_(inv_t)
             store(ga, c, out)
-        return ga, None, None, None, None, None, None, None, None
+        return ga, *([None] * 9)
+
+
+def _part(f: torch.Tensor | None, c: tuple[int, int]) -> torch.Tensor | None:
+    return None if f is None else f[c[0] : c[1]]
+
+
+def _token_twice(
+    ctx: Any,
+    a: torch.Tensor,
+    tokens: torch.Tensor,
+    g_lp: torch.Tensor,
+    g_h: torch.Tensor | None,
+    g_r: torch.Tensor | None,
+) -> torch.Tensor | None:
+    """Backward with ``create_graph`` (:mod:`klest.logits._twice`)."""
+    check_world(ctx.g)
+    idx = valid_index(ctx.plan, a.device)
+    gh = g_h if ctx.entropy else None
+    gr = g_r if ctx.rest else None
+
+    fl = None if ctx.floor is None or idx is None else ctx.floor[idx]
+    fl = ctx.floor if idx is None else fl
+
+    def value() -> list[torch.Tensor | None]:
+        x = apply_floor(take(a, idx).to(ctx.cdt) * ctx.inv_t, fl)
+        tok = tokens if idx is None else tokens[idx]
+        return list(token_rows(x, tok, ctx.entropy, ctx.rest))
+
+    g_lp = g_lp if ctx.outside is None else torch.where(ctx.outside, 0.0, g_lp)
+    ups = [None if u is None else take(u, idx) for u in (g_lp, gh, gr)]
+    return regrad(value, [a], [True], ups)[0]
 
 
 def merge_tokens(
     every: torch.Tensor, k: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Whole-row (lse, x_K, H, R) from S disjoint parts of the vocabulary, ``every``
-    [S, N, k + 3] holding each part's (lse_s, x_K,s, H_s, R_s), each normalised on its own:
-    H = Σ_s w_s (H_s − (lse_s − lse)), R = Σ_s w_s R_s, w_s = e^{lse_s − lse}, x_K = Σ_s x_K,s."""
-    LSE = torch.logsumexp(every[:, :, 0], 0)
-    e = every[:, :, 0] - LSE
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Whole-row (M, C, log p_K, H, R, rel) from S disjoint parts of the vocabulary, ``every``
+    [S, N, k + 4] holding each part's (m_s, c_s, log p_K,s, H_s, R_s), each normalised on its
+    own (log p_K,s = −inf for a token not in the part), rel_s = log of part s's share of the
+    mass (:func:`merge_norm`): log p_K = max_s (log p_K,s + rel_s) (one part holds the token),
+    H = Σ_s w_s (H_s − rel_s), R = Σ_s w_s R_s, w_s = e^{rel_s}."""
+    M, C, e = merge_norm(every[:, :, 0], every[:, :, 1])
     wr = torch.exp(e)
     zero = torch.zeros_like(wr)
-    Hs = torch.where(wr > 0, wr * (every[:, :, 1 + k] - e), zero).sum(0)
-    Rs = torch.where(wr > 0, wr * every[:, :, 2 + k], zero).sum(0)
-    return LSE, every[:, :, 1 : 1 + k].sum(0), Hs, Rs
+    Hs = torch.where(wr > 0, wr * (every[:, :, 2 + k] - e), zero).sum(0)
+    Rs = torch.where(wr > 0, wr * every[:, :, 3 + k], zero).sum(0)
+    lpk = torch.amax(every[:, :, 2 : 2 + k] + e[:, :, None], 0)
+    return M, C, lpk, Hs, Rs, e
 
 
 def pack_tokens(
-    lse: torch.Tensor, xt: torch.Tensor, H: torch.Tensor, R: torch.Tensor
+    m: torch.Tensor, c: torch.Tensor, lpk: torch.Tensor, H: torch.Tensor, R: torch.Tensor
 ) -> torch.Tensor:
-    """[N, k + 3] float64 rows (lse, x_K, H, R) for :func:`merge_tokens`."""
+    """[N, k + 4] float64 rows (m, c, log p_K, H, R) for :func:`merge_tokens`."""
     f64 = torch.float64
-    return torch.cat([lse.to(f64)[:, None], xt.to(f64), H.to(f64)[:, None], R.to(f64)[:, None]], 1)
+    cols = [m.to(f64)[:, None], c.to(f64)[:, None], lpk.to(f64), H.to(f64)[:, None]]
+    return torch.cat([*cols, R.to(f64)[:, None]], 1)
 
 
 def _combine(
-    lse: torch.Tensor, xt: torch.Tensor, H: torch.Tensor, R: torch.Tensor, g: Group
+    m: torch.Tensor,
+    c: torch.Tensor,
+    lpk: torch.Tensor,
+    H: torch.Tensor,
+    R: torch.Tensor,
+    g: Group,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Whole-vocabulary (lse, x_K, H, R) from each shard's, and shard weights e^{lse_r − lse}."""
+    """Whole-vocabulary (c relative to this shard's max m, log p_K, H, R) from each shard's, and
+    this shard's share of the mass (None when the vocabulary is not sharded)."""
     if g.world == 1:
-        return lse, xt, H, R, None
-    from ._kl import gather
-
-    LSE, XT, HH, RR = merge_tokens(gather(g, pack_tokens(lse, xt, H, R)), xt.shape[1])
-    return LSE, XT, HH, RR, torch.exp(lse - LSE)
+        return c, lpk, H, R, None
+    M, C, LPK, HH, RR, e = merge_tokens(gather(g, pack_tokens(m, c, lpk, H, R)), lpk.shape[1])
+    return local_norm(M, C, m), LPK, HH, RR, torch.exp(e[g.rank])

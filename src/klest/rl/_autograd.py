@@ -49,6 +49,12 @@ def _zero(x: torch.Tensor) -> torch.Tensor:
     return torch.zeros((), dtype=x.dtype, device=x.device)
 
 
+def _times(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """w·x, exactly 0 where x = 0: every weight is a positive number, so a w that overflowed to
+    +inf times 0 is 0, not NaN."""
+    return torch.where(x == 0, _zero(w), w * x)
+
+
 def compute(
     prep: Prepared,
     spec: Spec,
@@ -122,13 +128,14 @@ def compute(
                 logw = logw.detach()
             if m is not None:
                 logw = torch.where(m, logw, _zero(logw))
-            w = w_raw = torch.exp(logw)
+            # in float64: e^{logw} overflows float32 past logw = 88.7 (w·v may still be finite)
+            w = w_raw = torch.exp(logw.to(torch.float64))
             if spec.weight_clamp is not None:
                 lo, hi = spec.weight_clamp
                 wclipped = (w < lo) | (w > hi)
                 w = w.clamp(lo, hi)
 
-        vw = v if w is None or spec.weight == "gradient_only" else w * v
+        vw = v if w is None or spec.weight == "gradient_only" else _times(w, v)
         if spec.value_clamp is not None and spec.clamp_weighted:
             lo, hi = spec.value_clamp
             vclipped = (vw < lo) | (vw > hi)
@@ -172,9 +179,9 @@ def compute(
             if wclipped is not None:  # clipped weight: no score term, pathwise only
                 g = torch.where(wclipped, c, g)
             if w is not None:
-                g = w * g
+                g = _times(w, g)
         elif c is not None:
-            g = c if w is None else w * c
+            g = c if w is None else _times(w, c)
         if g is not None and (spec.weight == "differentiable" or as_written):
             if spec.clamp_weighted and vclipped is not None:  # d clip(w·v) = 0 where it binds
                 g = torch.where(vclipped, _zero(g), g)

@@ -6,7 +6,8 @@ infinities, mask values) follow ``klest.options(validate=...)`` since they read 
 
 **Masks.** A masked-out entry is ignored entirely: NaN, ±inf or anything else there is never
 checked, never reaches a value and gets gradient 0 (padding often holds garbage). The core
-(``klest.estimate(..., mask=)``) follows the same rule.
+(``klest.estimate(..., mask=)``) follows the same rule. Mask checks live in :mod:`klest._torch`
+(shared with :mod:`klest.logits`).
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from typing import Any
 import torch
 
 from .._config import get_options
+from .._torch import check_mask, tensor_arg
 from ..errors import KlestError
 
-__all__ = ["Bounds", "Prepared", "bounds", "check_mask", "prepare", "traced"]
+__all__ = ["Bounds", "Prepared", "bounds", "prepare", "traced"]
 
 Bounds = tuple[float, float]
 
@@ -38,18 +40,8 @@ class Prepared:
     traced: bool = False  # inputs are torch.func (vmap/grad) wrappers: no host reads of values
 
 
-def _tensor(name: str, x: Any) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise KlestError(
-            "klest.rl works on torch tensors (the core functions take any array)",
-            argument=name,
-            value=x,
-        )
-    return x
-
-
 def _float(name: str, x: Any) -> torch.Tensor:
-    x = _tensor(name, x)
+    x = tensor_arg(name, x)
     if not x.is_floating_point():
         raise KlestError(
             "log-probabilities must have a floating dtype (float16, bfloat16, float32, "
@@ -58,33 +50,6 @@ def _float(name: str, x: Any) -> torch.Tensor:
             value=x,
         )
     return x
-
-
-def check_mask(mask: Any, shape: torch.Size, device: torch.device) -> torch.Tensor | None:
-    """The mask as a bool tensor of exactly ``shape`` (``None`` stays ``None``)."""
-    if mask is None:
-        return None
-    mask = _tensor("mask", mask)
-    if tuple(mask.shape) != tuple(shape):
-        raise KlestError(
-            f"must have exactly the per-token shape {tuple(shape)} (no broadcasting: a "
-            "mis-shaped mask is almost always a bug)",
-            argument="mask",
-            value=mask,
-        )
-    if mask.device != device:
-        raise KlestError(f"is on {mask.device}, the log-probs on {device}", argument="mask")
-    if mask.dtype == torch.bool:
-        return mask
-    if mask.is_complex():
-        raise KlestError("must be boolean or 0/1", argument="mask", value=mask)
-    if get_options().validate:
-        bad = int(((mask != 0) & (mask != 1)).sum())
-        if bad:
-            raise KlestError(
-                f"must be boolean or 0/1 ({bad} elements are neither)", argument="mask", value=mask
-            )
-    return mask != 0
 
 
 def bounds(name: str, value: Any, *, upper_only: bool = False) -> Bounds | None:

@@ -14,7 +14,7 @@ import array_api_compat
 import torch
 
 from .. import _numerics as nm
-from ..divergences import FDivergence, divergence_names, get_divergence
+from ..divergences import FDivergence, _check_derivative_forms, divergence_names, get_divergence
 from ..errors import KlestError
 from ..table import Estimator as TableEstimator
 from ..table import get_estimator
@@ -92,8 +92,6 @@ def _checked_forms(div: FDivergence) -> None:
     :func:`klest.register_divergence` does); KlestError if they disagree."""
     if _CHECKED.get(id(div)) is div:
         return
-    from ..divergences import _check_derivative_forms
-
     _check_derivative_forms(div)
     _CHECKED[id(div)] = div
 

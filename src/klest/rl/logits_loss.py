@@ -21,6 +21,9 @@ from typing import Any, Literal
 
 import torch
 
+from .._torch import Aggregation, aggregate
+from ..logits import full_kl
+
 __all__ = ["full_kl_loss", "full_kl_penalty", "full_kl_per_token"]
 
 
@@ -45,8 +48,6 @@ def full_kl_per_token(
     >>> klest.rl.full_kl_per_token(b, a)  # log(4) − H(π_ref) = log 4 − 1.5 log 2
     tensor([[0.3466, 0.3466]])
     """
-    from ..logits import full_kl
-
     return full_kl(
         logits,
         ref_logits,
@@ -86,7 +87,7 @@ def full_kl_loss(
     logits: torch.Tensor,
     ref_logits: torch.Tensor,
     mask: Any = None,
-    aggregation: str = "token-mean",
+    aggregation: Aggregation = "token-mean",
     *,
     direction: Literal["reverse", "forward"] = "reverse",
     temperature: float = 1.0,
@@ -106,8 +107,6 @@ def full_kl_loss(
     >>> round(float(loss.detach()), 6)  # position 0 only: KL(softmax(0, 1) ‖ uniform)
     0.110944
     """
-    from .aggregate import aggregate
-
     per = full_kl_per_token(
         logits,
         ref_logits,

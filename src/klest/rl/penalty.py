@@ -74,8 +74,8 @@ from .._config import get_options
 from ..errors import KlestError
 from ._autograd import GRADIENTS, WEIGHT_LEVELS, WEIGHTS, Spec, apply, compute
 from ._inputs import Prepared, bounds, prepare
-from ._kernels import resolve
-from .aggregate import aggregation_scale
+from ._kernels import resolve, value
+from .aggregate import Aggregation, aggregation_scale
 
 __all__ = ["GRADIENTS", "KLDiagnostics", "KLLoss", "kl_loss", "kl_penalty", "kl_per_token"]
 
@@ -177,9 +177,14 @@ def _spec(
     )
 
 
-def _warn_infinite(prep: Prepared) -> None:
-    """In validation mode, say so when π_ref gives a valid token probability 0 (KL = +inf)."""
+def _warn_infinite(prep: Prepared, spec: Spec) -> None:
+    """In validation mode, say so when π_ref gives a valid token probability 0 and the
+    estimator's value there (L = -inf) is +inf: the reverse KL's. The forward KL and
+    f-divergences with f(0) finite have finite values there (forward_k1: 0, forward_k3: 1)."""
     if not get_options().validate or prep.ref_finite or prep.traced:
+        return
+    at_zero = value(spec.estimator, torch.tensor([-torch.inf], dtype=torch.float64))
+    if not bool(torch.isposinf(at_zero).all()):
         return
     bad = prep.ref_logp == -torch.inf
     if prep.mask is not None:
@@ -231,11 +236,13 @@ def _sequence_weight(
     diff = lp - prep.old_logp
     if m is not None:
         diff = torch.where(m, diff, torch.zeros((), dtype=diff.dtype, device=diff.device))
-    logw_g = diff.sum(dim=-1, keepdim=True) / n
-    w = torch.exp(logw_g)
+    logw_g = (diff.sum(dim=-1, keepdim=True) / n).to(torch.float64)
+    # w_b − sg(w_b) written as sg(w_b)·(log w_b − sg log w_b): value exactly 0 (no inf − inf
+    # where e^{log w_b} overflows float32), gradient w_b·∇log w_b
+    dw = torch.exp(logw_g.detach()) * (logw_g - logw_g.detach())
     bare = replace(prep, old_logp=None)
     v, _ = compute(bare, replace(spec, gradient="none", weight="detached"), None, None)
-    return eff, (logw, v, w - w.detach())
+    return eff, (logw, v, dw)
 
 
 def kl_per_token(
@@ -274,14 +281,14 @@ def kl_per_token(
         weight_level,
     )
     prep = prepare(logp, ref_logp, old_logp, mask)
-    _warn_infinite(prep)
+    _warn_infinite(prep, spec)
     if weight_level == "sequence":
         prep, extra = _sequence_weight(logp, prep, spec)
         out = apply(logp, prep, replace(spec, weight="detached"), None, None)
         if extra is None:
             return out
         _, v, dw = extra  # v·(w_b - sg w_b): value + 0, gradient v·∇w_b (the score of w_b)
-        return out + v * dw
+        return out + (v * dw).to(out.dtype)
     return apply(logp, prep, spec, None, None)
 
 
@@ -309,7 +316,7 @@ def kl_penalty(
     """
     spec = _spec(estimator, "none", "detached", None, clamp, value_clamp, None)
     prep = prepare(logp, ref_logp, None, mask)
-    _warn_infinite(prep)
+    _warn_infinite(prep, spec)
     out, _ = compute(prep, spec, None, None, differentiable=prep.traced)
     return out
 
@@ -322,7 +329,7 @@ def kl_loss(
     mask: torch.Tensor | None = None,
     estimator: Any = "k3",
     gradient: str = "reverse_kl",
-    aggregation: str = "token-mean",
+    aggregation: Aggregation = "token-mean",
     weight: str = "detached",
     weight_clamp: Any = None,
     clamp: Any = None,
@@ -369,7 +376,7 @@ def kl_loss(
         weight_level,
     )
     prep = prepare(logp, ref_logp, old_logp, mask)
-    _warn_infinite(prep)
+    _warn_infinite(prep, spec)
     extra = None
     if weight_level == "sequence":
         prep, extra = _sequence_weight(logp, prep, spec)

@@ -12,12 +12,15 @@ you meant.
 'forward KL(π_ref‖π), not the reverse KL it reports (zero where a clamp binds)'
 
 Names carry the release they reproduce, ``"<framework>@<version>:<option>"`` (``RELEASES``):
-verl 0.9.1, OpenRLHF 0.11.2, TRL 1.16.0, NeMo-RL 0.6.0 and 0.7.0, slime 0.4.0. A name without
-``@`` (``"nemo_rl:k3"``) means the newest release klest knows. ℓ = logp - ref_logp.
+verl 0.9.1, OpenRLHF 0.11.2, TRL 1.16.0, NeMo-RL 0.6.0 and 0.7.0, slime 0.3.1 (the code is the same
+from v0.2.1 on). A name without ``@`` (``"nemo_rl:k3"``) means the newest release klest knows.
+``"slime@0.4.0:..."`` (a release that does not exist; klest named it so before 2027-01) still
+resolves to ``"slime@0.3.1:..."`` with a one-time ``FutureWarning``. ℓ = logp - ref_logp.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +29,7 @@ import torch
 from ..errors import KlestError
 from .penalty import KLLoss, kl_loss, kl_per_token
 
-__all__ = ["RELEASES", "Preset", "get", "names", "register"]
+__all__ = ["DEPRECATED_RELEASES", "RELEASES", "Preset", "get", "names", "register"]
 
 _NOTHING = "nothing: its expected gradient is 0 (E_π[∇ℓ] = 0)"
 _REVERSE = "reverse KL(π‖π_ref) (the exact score-function gradient, k2's)"
@@ -93,8 +96,31 @@ RELEASES: dict[str, tuple[str, ...]] = {
     "openrlhf": ("0.11.2",),
     "trl": ("1.16.0",),
     "nemo_rl": ("0.6.0", "0.7.0"),
-    "slime": ("0.4.0",),
+    "slime": ("0.3.1",),
 }
+
+# "<framework>@<version>" names klest used for a release that does not exist -> the right one;
+# resolved by :func:`get` with a FutureWarning, once per name per process
+DEPRECATED_RELEASES: dict[str, str] = {"slime@0.4.0": "slime@0.3.1"}
+_WARNED: set[str] = set()
+
+
+def _undeprecated(name: str) -> str:
+    """``name`` with a deprecated release replaced by the right one (a warning, once per name)."""
+    release, sep, option = name.partition(":")
+    new = DEPRECATED_RELEASES.get(release)
+    if not sep or new is None:
+        return name
+    full = f"{new}:{option}"
+    if name not in _WARNED:
+        _WARNED.add(name)
+        warnings.warn(
+            f"klest preset {name!r} is deprecated: {release} was never released; the code it "
+            f"reproduces is {new}'s, so use {full!r}",
+            FutureWarning,
+            stacklevel=3,
+        )
+    return full
 
 
 def _versioned(name: str) -> str:
@@ -112,7 +138,7 @@ def get(name: str) -> Preset:
         raise KlestError("must be a preset name (str)", argument="name", value=name)
     if name in _REGISTRY:
         return _REGISTRY[name]
-    full = _versioned(name)
+    full = _versioned(_undeprecated(name))
     if full.startswith("verl@") and full.endswith(":full"):
         raise KlestError(
             "verl's 'full' raises NotImplementedError there too; the full-vocabulary KL needs "
@@ -263,15 +289,18 @@ for _n, (_est, _follows, _follows_is) in _NEMO.items():
         clamp=20.0,
         value_clamp=10.0,
     )
+    # 0.6.0 (tag 5fb5889, loss_functions.py): the clamped value times the *detached* weight
+    # exp(curr - generation) (NaN/inf set to 0 there); the detach went in NeMo-RL #2506 (0.7.0)
     _add(
         f"nemo_rl@0.6.0:{_n}:importance_weight",
-        _follows_is + " where no clamp binds",
-        _desc + ", times the non-detached weight π/π_gen (exp(logp - sg(logp)) without "
-        "old_logp); gradient of that product.",
+        _follows,
+        _desc + ", times the detached weight π/π_gen (1 without old_logp), outside the value "
+        "clamp; gradient of the clamped estimate times that fixed weight (NeMo-RL sets a "
+        "weight that overflows its float to 0; klest keeps it).",
         uses_old=True,
         estimator=_est,
         gradient="as_written",
-        weight="differentiable",
+        weight="detached",
         clamp=20.0,
         value_clamp=10.0,
     )
