@@ -5,8 +5,9 @@ Each round runs, in a fresh process each: a cold run (``NUMBA_CACHE_DIR`` pointi
 directory, so numba compiles every kernel the run needs and writes them to disk), a warm run
 (the same directory, now filled: the kernels are loaded, not compiled), both with the kernels
 forced on (``KLEST_FAST=1``), a run with them off (``KLEST_FAST=0``: pure NumPy) and one with
-the default (``fast="auto"``, which at the default size loads numba: the five estimators' compiled
-pass saves more than its 0.4 s load; see ``klest.lab.engine.WORK_PER_DRAW``). Medians over --repeats rounds; the target is cold - warm <= 10 s.
+the default (``fast="auto"``, which at the default size loads numba: the five estimators'
+compiled pass saves about as much as its 0.4 s load; see ``klest.lab.engine.WORK_PER_DRAW``).
+Medians over --repeats rounds; the target is cold - warm <= 10 s.
 ``--figure FILE.png`` also draws the medians as bars.
 
 Usage: python benchmarks/bench_cold_start.py [--repeats 3] [--n 10000000] [--figure cold.png]

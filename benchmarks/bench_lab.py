@@ -14,7 +14,8 @@ contender once, so that load on a shared machine hits all alike):
     compute time: numba's load and the sampling; start-up, imports and the table cancel), and
     the ratio snippet / that compute time (target >= 5); the same difference with numba loaded
     in both runs (``KLEST_FAST=1``: its load is then start-up) and with the kernels off
-    (``KLEST_FAST=0``);
+    (``KLEST_FAST=0``); and, less sensitive to other load on a shared machine, the CPU time
+    (user + sys of the process, all threads) of the same differences for klest and the snippet;
   * the engine alone in this process (imports and kernel load done): the five estimators and
     k1/k2/k3 with the compiled kernels, the same with them off (pure NumPy), k1/k2/k3 with
     independent draws per shift, and the ratios of the snippet to the k1/k2/k3 runs (targets
@@ -33,6 +34,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -77,11 +79,20 @@ def snippet_seconds(n: int, seed: int) -> float:
     return float(match.group(1))
 
 
-def command_seconds(cmd: list[str], env: dict[str, str] | None = None) -> float:
-    """Wall time of ``cmd`` in a fresh process (start-up included), its output discarded."""
+_CPU: dict[str, list[float]] = {}  # CPU seconds (user + sys) of each command run, by key
+
+
+def command_seconds(cmd: list[str], env: dict[str, str] | None = None, key: str = "") -> float:
+    """Wall time of ``cmd`` in a fresh process (start-up included), its output discarded; its
+    CPU time (user + sys, all threads) is appended to ``_CPU[key]``."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     subprocess.run(cmd, env={**os.environ, **(env or {})}, check=True, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - start
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    _CPU.setdefault(key, []).append(cpu)
+    return wall
 
 
 _PEAK = (
@@ -155,10 +166,13 @@ def main() -> None:
         for key, env in (("", {}), ("_fast", {"KLEST_FAST": "1"}), ("_numpy", {"KLEST_FAST": "0"})):
             if key == "_fast" and not has_fast:
                 continue
-            runs[f"reproduce{key}"].append(command_seconds([*reproduce, "--n", str(args.n)], env))
+            big = [*reproduce, "--n", str(args.n)]
             small = [*reproduce, "--n", str(SMALL_N)]
-            runs[f"reproduce{key}_small"].append(command_seconds(small, env))
+            runs[f"reproduce{key}"].append(command_seconds(big, env, f"reproduce{key}"))
+            runs[f"reproduce{key}_small"].append(command_seconds(small, env, f"small{key}"))
         runs["snippet"].append(snippet_seconds(args.n, args.seed))
+        for n, key in ((args.n, "snippet"), (SMALL_N, "snippet_small")):  # CPU time only
+            command_seconds([sys.executable, str(SNIPPET), "--n", str(n)], None, key)
         if has_fast:
             runs["five_fast"].append(klest_seconds(args.n, args.seed, five))
             runs["three_fast"].append(klest_seconds(args.n, args.seed, SEED_ESTIMATORS))
@@ -182,6 +196,14 @@ def main() -> None:
     print(
         f"RATIO seed snippet / klest reproduce compute time = {t_seed / compute:.1f}x (target >= 5)"
     )
+    cpu = {k: statistics.median(v) for k, v in _CPU.items()}
+    cpu_klest = cpu["reproduce"] - cpu["small"]
+    cpu_seed = cpu["snippet"] - cpu["snippet_small"]
+    print(
+        f"klest reproduce compute CPU time (user+sys difference, both threads): {cpu_klest:.3f} s"
+    )
+    print(f"seed snippet compute CPU time (user+sys, --n minus --n {SMALL_N}): {cpu_seed:.3f} s")
+    print(f"RATIO (CPU time) seed snippet / klest reproduce = {cpu_seed / cpu_klest:.1f}x")
     compute_numpy = med["reproduce_numpy"] - med["reproduce_numpy_small"]
     print(
         f"klest reproduce compute time, KLEST_FAST=0 (pure NumPy): {compute_numpy:.3f} s "
@@ -257,6 +279,8 @@ def main() -> None:
                 "snippet_s": t_seed,
                 "ratio_snippet_reproduce": t_seed / compute,
                 "reproduce_compute_numpy_s": compute_numpy,
+                "reproduce_compute_cpu_s": cpu_klest,
+                "snippet_compute_cpu_s": cpu_seed,
                 "reproduce_compute_fast_s": compute_fast,
                 "engine_five_fast_s": med.get("five_fast"),
                 "engine_five_numpy_s": med["five_numpy"],

@@ -24,6 +24,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
     os.environ[_var] = "1"
@@ -32,6 +33,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _docs import add_write_docs_flag, markdown_table, write_block  # noqa: E402
 from _platform import describe  # noqa: E402
 
 try:
@@ -79,11 +81,7 @@ def build(folder: str, vocab_size: int, hidden: int, layers: int) -> object:
     return tok
 
 
-def run(
-    cls: type, folder: str, tok: object, a: argparse.Namespace, **kw: object
-) -> tuple[list[float], list[float], float, float]:
-    """(wall and CPU seconds of each step after the first, reference and policy backbone
-    forwards per step)."""
+def make(cls: type, folder: str, tok: object, a: argparse.Namespace, **kw: object) -> object:
     words = [f"w{i}" for i in range(40)]
     ds = Dataset.from_dict({"prompt": [" ".join(words[i : i + 4]) for i in range(32)]})
     args = trl.GRPOConfig(
@@ -103,7 +101,7 @@ def run(
         disable_tqdm=True,
         seed=0,
     )
-    tr = cls(
+    tr: Any = cls(
         model=folder,
         reward_funcs=lambda completions, **k: [float(len(c)) for c in completions],
         args=args,
@@ -113,6 +111,15 @@ def run(
     )
     tr.remove_callback(transformers.PrinterCallback)
     tr.remove_callback(transformers.trainer_callback.ProgressCallback)
+    return tr
+
+
+def run(
+    cls: type, folder: str, tok: object, a: argparse.Namespace, **kw: object
+) -> tuple[list[float], list[float], float, float]:
+    """(wall and CPU seconds of each step after the first, reference and policy backbone
+    forwards per step)."""
+    tr: Any = make(cls, folder, tok, a, **kw)
     cpu: list[float] = []
 
     class StepClock(transformers.TrainerCallback):  # CPU seconds of this process per step
@@ -140,6 +147,36 @@ def run(
     return wall[1:], cpu[1:], counts["ref"] / a.steps, counts["policy"] / a.steps
 
 
+def loss_only(folder: str, tok: object, a: argparse.Namespace) -> dict[str, float]:
+    """CPU seconds of loss + backward on one shared generation batch, every trainer in turn
+    (interleaved), median over ``a.loss_repeats``; plus the adapter's reference forward."""
+    trainers: dict[str, Any] = {"TRL GRPOTrainer": make(trl.GRPOTrainer, folder, tok, a)}
+    for name, kl in VARIANTS.items():
+        trainers[name] = make(KlestGRPOTrainer, folder, tok, a, kl=kl)
+    gen = trainers["klest kl='full_kl'"]
+    rows = [gen.train_dataset[i] for i in range(a.batch)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        batch = gen._generate_and_score_completions(rows)  # holds the reference's hidden states
+    times: dict[str, list[float]] = {n: [] for n in trainers}
+    ref_fwd: list[float] = []
+    for tr in trainers.values():
+        tr.model.train()
+        tr.current_gradient_accumulation_steps = 1
+    for _ in range(a.loss_repeats):
+        for name, tr in trainers.items():
+            tr.model.zero_grad(set_to_none=True)
+            t0 = time.process_time()
+            tr._compute_loss(tr.model, batch).backward()
+            times[name].append(time.process_time() - t0)
+        t0 = time.process_time()
+        gen._klest_reference_hidden(batch)
+        ref_fwd.append(time.process_time() - t0)
+    out = {n: statistics.median(t) for n, t in times.items()}
+    out["reference forward (full_kl, sequence_kl)"] = statistics.median(ref_fwd)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rounds", type=int, default=5)
@@ -150,6 +187,8 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--vocab", type=int, default=512)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    p.add_argument("--loss-repeats", type=int, default=40)
+    add_write_docs_flag(p)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     transformers.logging.set_verbosity_error()
@@ -190,6 +229,51 @@ def main() -> None:
             f"{name:40s} {1e3 * w:9.1f} {w / base_w:6.3f} {1e3 * c:9.1f} {c / base_c:6.3f} ", end=""
         )
         print(f"{ref:8.1f} {pol:11.1f}")
+    loss = loss_only(folder, tok, a)
+    base_l = loss["TRL GRPOTrainer"]
+    print(
+        f"\nloss + backward on one shared batch (CPU ms, median of {a.loss_repeats} interleaved "
+        "repeats); the difference to TRL's, as a fraction of TRL's median step"
+    )
+    for name, t in loss.items():
+        extra = t if name.startswith("reference") else t - base_l
+        print(f"{name:44s} {1e3 * t:8.2f}   extra {1e3 * extra:+7.2f} = {extra / base_c:+.3f} step")
+    if a.write_docs:
+        fwd = loss["reference forward (full_kl, sequence_kl)"]
+        rows = []
+        for name in names:
+            t = loss[name]
+            ref, _ = forwards[name]
+            extra = t - base_l + (fwd if ref > forwards["TRL GRPOTrainer"][0] else 0.0)
+            rows.append(
+                [
+                    name,
+                    f"{1e3 * statistics.median(cpu[name]):.0f} ms "
+                    f"({statistics.median(cpu[name]) / base_c:.2f}×)",
+                    f"{1e3 * t:.2f} ms",
+                    "—" if name == "TRL GRPOTrainer" else f"{1e3 * extra:+.2f} ms",
+                    "—" if name == "TRL GRPOTrainer" else f"{1 + extra / base_c:.3f}×",
+                    f"{ref:.0f}",
+                ]
+            )
+        header = [
+            "trainer",
+            "whole step, CPU (vs TRL)",
+            "loss + backward",
+            "added per step",
+            "TRL's step + added",
+            "reference forwards / step",
+        ]
+        intro = (
+            f"Qwen2 with hidden size {a.hidden}, {a.layers} layers, vocabulary {a.vocab}; "
+            f"{a.batch} completions of {a.completion} tokens per step; {a.rounds} rounds of "
+            f"{a.steps} steps (whole steps: median CPU time, first step of each run dropped); "
+            f"loss + backward on one shared batch, {a.loss_repeats} interleaved repeats, median "
+            "CPU time; the added cost includes the extra reference forward "
+            f"({1e3 * fwd:.2f} ms) for the full-vocabulary options. TRL {trl.__version__}, "
+            f"transformers {transformers.__version__}.\n\n"
+        )
+        write_block("trainers", intro + markdown_table(header, rows) + "\n")
 
 
 if __name__ == "__main__":

@@ -297,8 +297,23 @@ def run_shell_block(text: str) -> str:
         got = run_command(cmd)
         if matches(expected, got):  # keep a deliberately shortened output ('...') as shown
             got = expected
+        else:
+            got = _shorten_like(expected, got)
         out.append(shown + ("\n" + "\n".join(_norm(got)) if _norm(got) else ""))
     return "\n".join(out) + "\n"
+
+
+def _shorten_like(expected: str, got: str) -> str:
+    """``got`` cut as ``expected`` is: its first and last lines around one ``...`` line, as many as
+    the page shows (so that ``make docs`` keeps a shortened output short)."""
+    exp, act = _norm(expected), _norm(got)
+    if exp.count(ANY_LINES) != 1:
+        return got
+    head = exp.index(ANY_LINES)
+    tail = len(exp) - head - 1
+    if len(act) <= head + tail:
+        return got
+    return "\n".join(act[:head] + [ANY_LINES] + (act[len(act) - tail :] if tail else [])) + "\n"
 
 
 def _session_examples(text: str) -> list[tuple[list[str], str, str]]:

@@ -183,3 +183,24 @@ def test_the_core_imports_inside_functions_only_what_imports_numba():
     dodge a cycle: in the core, only the compiled kernels are imported late."""
     late = {(m, t) for m in CORE for t, inside in _imports(m) if inside}
     assert late <= {("klest._stream", "klest._fast")}, sorted(late)
+
+
+def _family(prefix: str) -> list[str]:
+    return [m for m in MODULES if m == prefix or m.startswith(prefix + ".")]
+
+
+def test_rl_builds_on_logits_never_the_reverse():
+    """klest.logits imports nothing of klest.rl; what both need (mask checks, aggregation, global
+    token counts) is klest._torch, which imports neither."""
+    for m in _family("klest.logits"):
+        up = {t for t in GRAPH[m] if t.startswith("klest.rl")}
+        assert not up, f"{m} imports {sorted(up)}"
+    assert not {t for t in GRAPH["klest._torch"] if t.startswith(("klest.rl", "klest.logits"))}
+
+
+def test_torch_layers_import_inside_functions_only_what_imports_numba():
+    """In klest._torch, klest.logits and klest.rl an import inside a function is there only to
+    keep numba out of ``import klest`` (the compiled kernels), never to dodge a cycle."""
+    mods = ["klest._torch", *_family("klest.logits"), *_family("klest.rl")]
+    late = {(m, t) for m in mods for t, inside in _imports(m) if inside}
+    assert late <= {("klest.logits._kl", "klest.logits._fused")}, sorted(late)

@@ -85,3 +85,10 @@ def test_bench_blocks_name_machine_date_and_command() -> None:
                 f"{where}: differs from the same block elsewhere"
             )
     assert seen, "no bench blocks found"
+
+
+def test_no_unfilled_placeholders() -> None:
+    pattern = re.compile(r"\b(?:TODO|TBD|FIXME|XXX|PLACEHOLDER|[A-Z]+TIME|MAKETEST)\b")
+    for page in docsync.pages():
+        for n, line in enumerate(page.read_text(encoding="utf-8").splitlines(), 1):
+            assert not pattern.search(line), f"{page.name}:{n}: unfilled placeholder: {line}"

@@ -736,8 +736,8 @@ _LAB_EXTRA = 13  # per target after the estimators' states: 10 co-moment fields,
 
 
 def lab_state(n_targets: int, n_names: int) -> np.ndarray:
-    """An empty running state for :func:`quadratic_lab` (float64 [n_targets, 9·n_names + 13]:
-    per name the 9-field state of the moment loops, then the co-moments, a flag and L's extremes)."""
+    """An empty running state for :func:`quadratic_lab`: float64 [n_targets, 9·n_names + 13],
+    per name the 9-field state of the moment loops, then co-moments, a flag and L's extremes."""
     st = np.zeros((n_targets, 9 * n_names + _LAB_EXTRA))
     for j in range(n_names):
         st[:, 9 * j + 3], st[:, 9 * j + 4] = math.inf, -math.inf

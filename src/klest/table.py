@@ -399,10 +399,17 @@ def _callable_record(fn: Callable[..., Any]) -> Estimator:
 
 # ------------------------------------------------------------------------------ checking
 def check_values(
-    rec: Estimator, L: Array, values: Any, *, keep: Array | None = None, nan: bool = True
+    rec: Estimator,
+    L: Array,
+    values: Any,
+    *,
+    keep: Array | None = None,
+    nan: bool = True,
+    part: Literal["value", "derivative", "value_minus_derivative"] = "value",
 ) -> Array:
-    """``values`` if they are what ``rec``'s value function must return on ``L``; otherwise a
-    :class:`KlestError` naming the estimator.
+    """``values`` if they are what ``rec``'s value function (or its ``derivative`` or
+    ``value_minus_derivative``, by ``part``) must return on ``L``; otherwise a
+    :class:`KlestError` naming the estimator (and the part, if not the value).
 
     Checked: an array of L's library (not a Python number or a list), of L's shape exactly (no
     broadcasting: a scalar or a dropped element is refused), of a real floating dtype at least
@@ -410,30 +417,31 @@ def check_values(
     no NaN where L is not NaN (among the entries where ``keep`` is true, if given). The NaN
     check reads every value once; it is skipped for abstract values (jax tracers).
     """
+    who = repr(rec.name) if part == "value" else f"{rec.name!r} ({part})"
     if not array_api_compat.is_array_api_obj(values):
         raise KlestError(
-            f"estimator {rec.name!r} returned {type(values).__name__}, not an array",
+            f"estimator {who} returned {type(values).__name__}, not an array",
             argument="estimator",
         )
     try:
         xp = array_api_compat.array_namespace(L, values)
     except TypeError:
         raise KlestError(
-            f"estimator {rec.name!r} returned a {type(values).__module__.split('.')[0]} array "
+            f"estimator {who} returned a {type(values).__module__.split('.')[0]} array "
             f"for a {type(L).__module__.split('.')[0]} log-ratio",
             argument="estimator",
         ) from None
     shape, want = tuple(values.shape), tuple(L.shape)
     if shape != want:
         raise KlestError(
-            f"estimator {rec.name!r} returned shape {shape} for log-ratios of shape {want} "
+            f"estimator {who} returned shape {shape} for log-ratios of shape {want} "
             "(one value per sample is required)",
             argument="estimator",
         )
     dt = values.dtype
     if not xp.isdtype(dt, "real floating") or xp.finfo(dt).bits < xp.finfo(L.dtype).bits:
         raise KlestError(
-            f"estimator {rec.name!r} returned dtype {dt} for log-ratios of dtype {L.dtype} "
+            f"estimator {who} returned dtype {dt} for log-ratios of dtype {L.dtype} "
             "(a real floating dtype at least as wide is required)",
             argument="estimator",
         )
@@ -443,7 +451,7 @@ def check_values(
             bad = bad & keep
         if bool(xp.any(bad)):
             raise KlestError(
-                f"estimator {rec.name!r} returned NaN for a log-ratio that is not NaN",
+                f"estimator {who} returned NaN for a log-ratio that is not NaN",
                 argument="estimator",
             )
     return values

@@ -10,6 +10,7 @@ float64 log-softmaxes of the two models' full logits.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import subprocess
@@ -22,20 +23,27 @@ for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
     os.environ[_var] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-torch = pytest.importorskip("torch")
-trl = pytest.importorskip("trl")
-datasets = pytest.importorskip("datasets")
-tokenizers = pytest.importorskip("tokenizers")
-transformers = pytest.importorskip("transformers")
-
-import klest.rl  # noqa: E402
-from klest import KlestError  # noqa: E402
-from klest.integrations.trl import KlestGRPOTrainer, parse_kl  # noqa: E402
-from klest.rl import KLController  # noqa: E402
-
-GRPOConfig, GRPOTrainer = trl.GRPOConfig, trl.GRPOTrainer
+HAVE_TRL = all(
+    importlib.util.find_spec(m) is not None
+    for m in ("torch", "trl", "datasets", "tokenizers", "transformers")
+)
+needs_trl = pytest.mark.skipif(not HAVE_TRL, reason="needs TRL: pip install 'klest[trl]'")
 # TRL's own configuration deprecation notices (gradient_checkpointing) are not ours
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+
+if HAVE_TRL:
+    import datasets
+    import tokenizers
+    import torch
+    import transformers
+    import trl
+
+    import klest.rl
+    from klest import KlestError
+    from klest.integrations.trl import KlestGRPOTrainer, parse_kl
+    from klest.rl import KLController
+
+    GRPOConfig, GRPOTrainer = trl.GRPOConfig, trl.GRPOTrainer
 BETA = 0.1
 WORDS = [f"w{i}" for i in range(29)]
 
@@ -96,7 +104,8 @@ def _capturing(cls):
     return Capturing
 
 
-def _train(tiny, tmp_path, cls=GRPOTrainer, *, steps=2, sgd=False, beta=BETA, **kw):
+def _train(tiny, tmp_path, cls=None, *, steps=2, sgd=False, beta=BETA, **kw):
+    cls = cls or GRPOTrainer
     folder, tok = tiny
     args = GRPOConfig(
         output_dir=str(tmp_path / f"out_{cls.__name__}"),
@@ -177,6 +186,7 @@ def test_import_klest_and_integrations_do_not_import_trl():
 
 
 # --------------------------------------------------------------------------------- parsing
+@needs_trl
 def test_parse_kl():
     assert parse_kl(None).options == {"estimator": "k3", "gradient": "reverse_kl"}
     assert parse_kl("trl@1.16.0:grpo").preset.name == "trl@1.16.0:grpo"
@@ -192,6 +202,7 @@ def test_parse_kl():
         parse_kl({"gradient": "reverse_kl", "weight": "differentiable"})
 
 
+@needs_trl
 def test_liger_is_refused_before_anything(tmp_path):
     args = GRPOConfig(
         output_dir=str(tmp_path), use_cpu=True, report_to="none", use_liger_kernel=True, beta=0.1
@@ -201,6 +212,7 @@ def test_liger_is_refused_before_anything(tmp_path):
     assert info.value.argument == "args" and "\n" not in str(info.value)
 
 
+@needs_trl
 def test_bias_correction_warns_once_unless_the_preset_is_asked_for(tiny, tmp_path):
     folder, tok = tiny
     ds = datasets.Dataset.from_dict({"prompt": ["w1 w2"] * 4})
@@ -230,6 +242,7 @@ def test_bias_correction_warns_once_unless_the_preset_is_asked_for(tiny, tmp_pat
     assert make(kl="trl@1.16.0:grpo:bias_correction") == []
 
 
+@needs_trl
 def test_kl_target_needs_beta(tiny, tmp_path):
     args = GRPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", beta=0.0)
     with pytest.raises(KlestError) as info:
@@ -238,6 +251,7 @@ def test_kl_target_needs_beta(tiny, tmp_path):
 
 
 # ------------------------------------------------------------------------------- exactness
+@needs_trl
 def test_trl_preset_reproduces_grpo_trainer(tiny, tmp_path, trl_run):
     ours = _train(tiny, tmp_path, KlestGRPOTrainer, kl="trl@1.16.0:grpo")
     assert len(_logs(ours, "loss")) == 2
@@ -253,6 +267,7 @@ def test_trl_preset_reproduces_grpo_trainer(tiny, tmp_path, trl_run):
     assert torch.equal(trl_run.rng_after, ours.rng_after)
 
 
+@needs_trl
 def test_default_differs_by_the_predicted_gradient(tiny, tmp_path):
     """One SGD step (lr = 1, no clipping): θ_trl - θ_klest = g_klest - g_trl. Per token, the
     derivative of klest's default term w.r.t. logp is ℓ (reverse KL), TRL's k3-as-loss gives
@@ -292,6 +307,7 @@ def test_default_differs_by_the_predicted_gradient(tiny, tmp_path):
 
 
 # ------------------------------------------------------------------------ full-vocabulary KL
+@needs_trl
 def test_full_kl_value_and_reference_forwards(tiny, trl_run, full_run):
     ours = full_run
     # one reference forward per generation batch, on top of TRL's own
@@ -315,6 +331,7 @@ def test_full_kl_value_and_reference_forwards(tiny, trl_run, full_run):
     assert torch.equal(batch["completion_ids"], trl_run.captured[0]["completion_ids"])
 
 
+@needs_trl
 @pytest.mark.parametrize("kl", ["sequence_kl", "sequence_kl:k1", "sequence_kl:mix"])
 def test_sequence_kl_options_train(tiny, tmp_path, trl_run, kl):
     ours = _train(tiny, tmp_path, KlestGRPOTrainer, steps=1, kl=kl)
@@ -325,6 +342,7 @@ def test_sequence_kl_options_train(tiny, tmp_path, trl_run, kl):
     assert all(torch.isfinite(p).all() for p in ours.model.parameters())
 
 
+@needs_trl
 def test_loss_draws_nothing_and_logs_the_mismatch(full_run):
     """Re-run the loss on a captured batch, with sampler log-probs added: the global generator
     is untouched, and the mismatch diagnostics are klest.rl.mismatch's of the two log-probs."""
@@ -346,6 +364,7 @@ def test_loss_draws_nothing_and_logs_the_mismatch(full_run):
         assert logged[key] == [pytest.approx(value, rel=1e-12, nan_ok=True)], key
 
 
+@needs_trl
 def test_kl_target_drives_beta_with_the_controller(tiny, tmp_path):
     ctrl = KLController("adaptive", init=BETA, target=0.05, horizon=100)
     ours = _train(tiny, tmp_path, KlestGRPOTrainer, kl_target=ctrl)

@@ -382,3 +382,13 @@ def test_topk_peaked_teacher_stays_finite_lower_bound(direction):
             P, Q = Q, P
         want = (P * (P / Q).log()).sum()
         torch.testing.assert_close(val[n].double(), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64, torch.bfloat16])
+def test_entropy_of_a_one_hot_row_is_plus_zero(dtype):
+    """H = -Σ p log p of a point mass is 0 (e^{-1e4} underflows every other term): printed as
+    0, not -0."""
+    x = torch.zeros(3, 50, dtype=dtype)
+    x[:, 7] = 1e4
+    _, H = kl.token_logprobs(x, torch.zeros(3, dtype=torch.long), return_entropy=True)
+    assert bool((H == 0).all()) and not bool(torch.signbit(H).any())

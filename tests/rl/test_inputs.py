@@ -160,6 +160,28 @@ def test_minus_inf_reference_is_infinite_kl_not_nan():
         assert torch.isfinite(rl.kl_loss(lp, ref, mask=mask).loss)
 
 
+@pytest.mark.parametrize("est", ["k1", "k2", "k3", "abs"])
+def test_no_infinite_value_warning_where_a_clamp_makes_the_value_finite(est):
+    """ref_logp = -inf (L = -inf): with ``clamp=c`` the value is v(-c), with ``value_clamp=c``
+    it is c; both finite, so no warning may claim +inf values."""
+    logp, ref = _pair()
+    ref[0, 3] = -math.inf
+    c = 4.0
+    L = torch.tensor(-c, dtype=torch.float64)  # L = ref - logp = -inf, clamped to [-c, c]
+    at = {
+        "k1": -L,
+        "k2": L * L / 2,
+        "k3": torch.expm1(L) - L,
+        "abs": L.abs(),
+    }[est]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = rl.kl_penalty(logp, ref, estimator=est, clamp=c)
+        assert got[0, 3].item() == pytest.approx(at.item(), rel=1e-6)  # float32 output
+        got = rl.kl_penalty(logp, ref, estimator=est, value_clamp=c)
+        assert got[0, 3].item() == c
+
+
 def test_option_errors():
     logp, ref = _pair()
     with pytest.raises(KlestError, match="unknown estimator"):

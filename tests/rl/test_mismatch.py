@@ -65,6 +65,7 @@ def exact_targets(P: dict) -> dict[str, float]:
             chi2 += w_pre * float((p * p / m).sum())
     seq_chi2 = float((P["lpi"].sum(1).exp() ** 2 / P["prob"]).sum()) - 1.0
     above = float((P["prob"][:, None] * ((P["lpi"] - P["lmu"]).exp() > 2)).sum()) / T
+    below = float((P["prob"][:, None] * ((P["lpi"] - P["lmu"]).exp() < 0.5)).sum()) / T
     return {
         "token_kl": kl_seq / T,
         "token_kl_k1": kl_seq / T,
@@ -74,6 +75,7 @@ def exact_targets(P: dict) -> dict[str, float]:
         "seq_chi2": seq_chi2,
         "log_ppl_diff": -kl_seq / T,
         "frac_ratio_above_2": above,
+        "frac_ratio_below_half": below,
     }
 
 
@@ -88,9 +90,19 @@ def test_every_mean_is_exact_by_enumeration() -> None:
             got[k] += float(P["prob"][i]) * (rep[k] + plus)
     got["token_chi2"] -= 1.0
     got["seq_chi2"] -= 1.0
-    assert exact["frac_ratio_above_2"] > 0  # the test exercises the key
+    assert exact["frac_ratio_above_2"] > 0 and exact["frac_ratio_below_half"] > 0
     for k, v in exact.items():
         assert got[k] == pytest.approx(v, rel=1e-12, abs=1e-15), k
+    # the keys that are not means, on the whole support (every sequence once): the largest |L|
+    # from the next-token tables, and the ESS of the weights against (Σw)² / (n Σw²)
+    whole = rl.mismatch(P["lpi"], P["lmu"])
+    mu, pi = P["mu"], P["pi"]
+    assert whole.abs_log_ratio_max == max(float((pi[p] - mu[p]).abs().max()) for p in mu)
+    ws = [
+        math.exp(sum(float(pi[y[:t]][y[t]] - mu[y[:t]][y[t]]) for t in range(T))) for y in P["seqs"]
+    ]
+    ess = sum(ws) ** 2 / (len(ws) * sum(w * w for w in ws))
+    assert whole.ess_seq == pytest.approx(ess, rel=1e-12)
 
 
 def sample(P: dict, B: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,6 +206,23 @@ def test_no_clamp_and_honest_overflow() -> None:
     )
 
 
+def test_tiny_and_huge_mismatch() -> None:
+    # χ² of near-identical policies keeps its digits (no cancellation of Σ w² against N)
+    L = torch.tensor([[1e-9, -2e-9, 3e-9], [0.0, 5e-10, -1e-9]], dtype=torch.float64)
+    rep = rl.mismatch(L, torch.zeros_like(L))
+    chi2 = sum(math.expm1(2 * v) for v in L.flatten().tolist()) / 6
+    assert rep.token_chi2 == pytest.approx(chi2, rel=1e-9)
+    seq = sum(math.expm1(2 * float(r)) for r in L.sum(1)) / 2
+    assert rep.seq_chi2 == pytest.approx(seq, rel=1e-9)
+    # e^L overflows float64 at L = 1e4: the forward KL is +inf (not inf − inf = NaN)
+    rep = rl.mismatch(torch.tensor([[1e4, 0.0], [0.0, 0.0]]), torch.zeros(2, 2))
+    assert rep.token_forward_kl == math.inf and rep.token_kl == math.inf
+    assert rep.ess_token == pytest.approx(0.25) and rep.token_kl_k1 == -2500.0
+    rep = rl.mismatch(torch.tensor([[-1e4, 0.0], [0.0, 0.0]]), torch.zeros(2, 2))
+    assert rep.token_kl == pytest.approx((1e4 - 1) / 4) and rep.token_forward_kl == 0.25
+    assert rep.frac_ratio_below_half == 0.25 and rep.seq_chi2 == -0.5
+
+
 def test_infinite_kl_when_trainer_gives_probability_zero() -> None:
     roll = torch.full((2, 2), -1.0)
     train = torch.tensor([[-math.inf, -1.0], [-1.2, -0.9]])
@@ -204,7 +233,8 @@ def test_infinite_kl_when_trainer_gives_probability_zero() -> None:
     L = torch.tensor([-0.2, 0.1], dtype=torch.float64)
     fwd = (1.0 + float((L * L.exp() - torch.expm1(L)).sum())) / 4
     assert rep.token_forward_kl == pytest.approx(fwd, rel=1e-6)
-    assert math.isfinite(rep.token_chi2)
+    assert rep.token_chi2 == pytest.approx((math.exp(-0.4) + 1 + math.exp(0.2)) / 4 - 1, rel=1e-6)
+    assert rep.frac_ratio_below_half == 0.25  # w = 0 < 1/2
     with pytest.raises(KlestError, match="rollout_logp"):
         rl.mismatch(roll, train)
 
@@ -282,6 +312,9 @@ def test_verl_metric_set(big: bool) -> None:
     flags = {k: out[f"rollout_corr/{k}.clamped"] for k in ("chi2_token", "chi2_seq")}
     assert flags == ({"chi2_token": 1.0, "chi2_seq": 1.0} if big else dict.fromkeys(flags, 0.0))
     assert rl.mismatch(tr, ro, m, names="verl").names == "verl@0.9.1"
+    # sign convention: verl's log_ppl_diff (mean log μ − mean log π) is minus klest's
+    own = rl.mismatch(tr.double(), ro.double(), m.bool())
+    assert out["rollout_corr/log_ppl_diff"] == pytest.approx(-own.log_ppl_diff, rel=1e-5)
     if big:  # klest's own χ² is not clamped
         assert (
             rl.mismatch(tr.double(), ro.double(), m.bool()).seq_chi2 > out["rollout_corr/chi2_seq"]

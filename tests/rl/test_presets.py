@@ -424,5 +424,8 @@ def test_slime_040_names_are_deprecated_aliases_of_031(recwarn):
         assert presets.get("slime@0.4.0:low_var_kl:unbiased_kl").name == (
             "slime@0.3.1:low_var_kl:unbiased_kl"
         )
+    recwarn.clear()
     with pytest.raises(KlestError, match="unknown preset"):
         presets.get("slime@0.4.0:nope")
+    # no deprecation warning for an option that does not exist under either name
+    assert not [w for w in recwarn if issubclass(w.category, FutureWarning)]

@@ -373,6 +373,11 @@ def test_bad_input():
         rl.sequence_kl(x, kl=x, old_logp=x, weight_clamp=0.5)
     with pytest.raises(KlestError, match="folds"):
         rl.fit_alpha(x, x, folds=1)
+    for bad in ("2", 2.0, True, None):  # not integers: a KlestError, never a raw TypeError
+        with pytest.raises(KlestError, match="folds"):
+            rl.fit_alpha(x, x, folds=bad)  # type: ignore[arg-type]
+        with pytest.raises(KlestError, match="folds"):
+            rl.sequence_kl(x, x, kl=x, estimator="mix", folds=bad)  # type: ignore[arg-type]
 
 
 def test_dtypes_and_padding_that_holds_anything():

@@ -68,7 +68,6 @@ import inspect
 import json
 import math
 import os
-import unittest
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -83,16 +82,11 @@ from ..rl.controller import KLController
 from ..rl.penalty import kl_per_token
 from ..rl.sequence import sequence_kl
 
-
-class _TRLMissing(ImportError, unittest.SkipTest):
-    """TRL is not installed (an ImportError; test collectors treat it as a skip)."""
-
-
 try:
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
     from trl import GRPOTrainer
 except ImportError as _e:  # pragma: no cover - exercised only without TRL
-    raise _TRLMissing("klest.integrations.trl needs TRL 1.16: pip install 'klest[trl]'") from _e
+    raise ImportError("klest.integrations.trl needs TRL 1.16: pip install 'klest[trl]'") from _e
 
 # the sampler-mismatch diagnostics, when this klest has them (klest.rl.mismatch)
 _mismatch: Callable[..., Any] | None
@@ -174,7 +168,12 @@ class KLTerm:
 
 
 def parse_kl(kl: Any) -> KLTerm:
-    """``kl=`` of :class:`KlestGRPOTrainer` as a :class:`KLTerm` (checked, nothing computed)."""
+    """``kl=`` of :class:`KlestGRPOTrainer` as a :class:`KLTerm` (checked, nothing computed).
+
+    >>> from klest.integrations.trl import parse_kl
+    >>> parse_kl("trl:grpo").preset.name, parse_kl("sequence_kl").needs_reference_hidden
+    ('trl@1.16.0:grpo', True)
+    """
     if kl is None:
         kl = dict(DEFAULT_KL)
     if isinstance(kl, dict):

@@ -34,6 +34,7 @@ __all__ = ["BIG", "SCALE_FROM", "Comoments", "ScaledMoments", "chunk", "co_chunk
 BIG = 2.0**960  # a sum of squares above this is carried as m·4^e with e > 0
 SCALE_FROM = 2.0**480  # a chunk with a |value| above this is divided by a power of two first
 _DELTA = 400  # |δ·2^-s| <= 2^400 in a merge: its square times n_a·n_b/n stays far below BIG
+_DELTA_MAX = 2.0**_DELTA
 
 _PAIRS = ((0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2))  # S_LL, S_kk, S_ee, S_Lk, S_Le, S_ke
 
@@ -48,6 +49,8 @@ def ldexp(x: float, k: int) -> float:
 
 def _canonical(m2: float, e: int) -> tuple[float, int]:
     """(m2, e) for m2·4^e with the smallest e >= 0 that keeps m2 <= BIG (exact: powers of two)."""
+    if e == 0 and 0.0 <= m2 <= BIG:
+        return m2, 0
     if not (math.isfinite(m2) and m2 > 0.0):
         return (m2, 0) if m2 != 0.0 else (0.0, 0)
     top = math.frexp(m2)[1] + 2 * e  # m2·4^e < 2^top
@@ -114,11 +117,15 @@ class ScaledMoments:
         n = self.n + o.n
         lo, hi = min(self.vmin, o.vmin), max(self.vmax, o.vmax)
         a, b = self.mean, o.mean
+        delta = b - a
+        if self.e == 0 and o.e == 0 and abs(delta) <= _DELTA_MAX:  # unscaled: Chan's formula
+            m2 = self.m2 + o.m2 + delta * delta * (self.n * o.n / n)
+            if m2 <= BIG:  # (False for NaN)
+                return ScaledMoments(n, a + delta * (o.n / n), m2, 0, lo, hi)
         if math.isnan(a) or math.isnan(b) or (math.isinf(a) and math.isinf(b) and a != b):
             return ScaledMoments(n, math.nan, math.nan, 0, lo, hi)
         if math.isinf(a) or math.isinf(b):
             return ScaledMoments(n, a if math.isinf(a) else b, math.inf, 0, lo, hi)
-        delta = b - a
         if math.isfinite(delta):
             mean = a + delta * (o.n / n)
             s = _delta_scale(delta)
@@ -214,6 +221,12 @@ class Comoments:
         d = [b - a for a, b in zip(self.mean, o.mean, strict=True)]
         f = self.n * o.n / n
         mean = tuple(a + di * (o.n / n) for a, di in zip(self.mean, d, strict=True))
+        if self.e == o.e == (0, 0, 0) and all(abs(di) <= _DELTA_MAX for di in d):
+            s0 = tuple(  # unscaled: Chan's formula
+                x + y + d[i] * d[j] * f for x, y, (i, j) in zip(self.s, o.s, _PAIRS, strict=True)
+            )
+            if max(s0[:3]) <= BIG and all(math.isfinite(x) for x in s0):
+                return Comoments(n, mean, s0, (0, 0, 0), n_inf)  # type: ignore[arg-type]
         ex = [max(x, y, _delta_scale(di)) for x, y, di in zip(self.e, o.e, d, strict=True)]
         dd = [math.ldexp(di, -x) if math.isfinite(di) else di for di, x in zip(d, ex, strict=True)]
         s = tuple(
@@ -245,20 +258,20 @@ def _co_sums(
     """The co-moments of (L, k3(L), expm1(L)) in two passes; None (unscaled) where they would
     need a scale."""
     with np.errstate(all="ignore"):
-        cols = [np.array(L, dtype=np.float64), np.array(k3(L), dtype=np.float64), np.expm1(L)]
+        cols = [L, np.asarray(k3(L), dtype=np.float64), np.expm1(L)]
     means, ex = [], []
-    for c in cols:
+    for i, c in enumerate(cols):
         s = 0
         if scale:
             top = max(-float(np.minimum.reduce(c)), float(np.maximum.reduce(c)))
             s = math.frexp(top)[1] if math.isfinite(top) and top > SCALE_FROM else 0
-            if s:
-                np.multiply(c, math.ldexp(1.0, -s), out=c)
+        if s:  # L itself is never written: a scaled copy of it
+            c = cols[i] = np.multiply(c, math.ldexp(1.0, -s), out=None if i == 0 else c)
         m = float(np.einsum("i->", c)) / c.size
         if not scale and not math.isfinite(m) and bool(np.all(np.isfinite(c))):
             return None  # a sum that overflowed on finite values
         with np.errstate(all="ignore"):
-            np.subtract(c, m, out=c)
+            cols[i] = np.subtract(c, m, out=None if c is L else c)
         means.append(ldexp(m, s) if s else m)
         ex.append(s)
     with np.errstate(all="ignore"):

@@ -260,6 +260,13 @@ def _fast_module() -> Any:
     return _fast
 
 
+def _compiled_module() -> Any:
+    """:mod:`klest._fast` if its kernels can run here (numba), else None."""
+    from klest import _fast  # numba: only for a run that uses the compiled kernels
+
+    return _fast if _fast.KERNELS else None
+
+
 def run_block(plan: _Plan, index: int) -> BlockResult:
     """Draw block ``index`` from its own stream ``SeedSequence(seed, spawn_key=(0, index))`` and
     reduce every estimator on every target, chunk by chunk (merged in order).
@@ -270,12 +277,14 @@ def run_block(plan: _Plan, index: int) -> BlockResult:
     chunk on the generic path, per block (the same draws, drawn again) on the fused one."""
     fast = None
     ahead: np.ndarray | None = None
-    if plan.fused or plan.compiled:
+    if plan.fused:
         _start_loading()
-        if plan.fused and not _LOADED.is_set():  # draw the whole block while the kernels load
+        if not _LOADED.is_set():  # draw the whole block while the kernels load
             ahead = np.empty(plan.sizes[index])
             _block_rng(plan, index).standard_normal(out=ahead)
         fast = _fast_module()
+    elif plan.compiled:
+        fast = _compiled_module()
     if plan.fused and fast is not None:
         res, redo = _fused_block(plan, index, fast, ahead)
         if not redo:
@@ -589,13 +598,13 @@ def run_many(
 FUSED_NAMES = frozenset({"k1", "k2", "k3", "forward_k1", "forward_k3"})
 
 #: What one draw costs per target and estimator on the NumPy path, counted for the "auto" rule
-#: of ``klest.options(fast=...)`` (:func:`klest._config.claim_fast`) in units of one simple value
-#: (k1, k2, k3 and others: 1): forward_k3 and k_opt save about 4 and 7 times as much time once
-#: compiled (their NumPy forms take series, exponentials and co-moments; measured with
-#: benchmarks/bench_lab.py's work on 2 threads). The seed's experiment at its default size
-#: (1e7 draws, 2 targets, k1, k2, k3, forward_k3, k_opt: 2.8e8) thus loads the kernels, as the
-#: time they save (about 1 s) is well above their load (about 0.4 s); ``--n 1000`` does not.
-WORK_PER_DRAW = {"forward_k3": 4.0, "k_opt": 7.0}
+#: of ``klest.options(fast=...)`` (:func:`klest._config.claim_fast`), in units of one simple value
+#: (1 for k1, k2, k3 and any other estimator; together they save about 2 ns per value once
+#: compiled, the unit of ``AUTO_FAST_WORK``): forward_k3 and k_opt save 3.5 and 4.5 times as much
+#: (their NumPy forms take series, exponentials and co-moments; CPU time measured on the seed's
+#: experiment, 2-core AMD EPYC, 2026-12). The seed's experiment at its default size (1e7 draws, 2
+#: targets, k1, k2, k3, forward_k3, k_opt: 2.2e8) thus loads the kernels; ``--n 1000`` does not.
+WORK_PER_DRAW = {"forward_k3": 3.5, "k_opt": 4.5}
 
 
 def _work_per_draw(names: Sequence[str]) -> float:

@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from .._config import fast_wanted
+
 __all__ = ["available", "kl_rows"]
 
 _nb: Any
@@ -40,8 +42,6 @@ BLOCK = 2048  # elements per block of the exp loops (8 KiB float32 buffers, in L
 
 def available() -> bool:
     """numba is importable and compiled kernels are wanted (``klest.options(fast=...)``)."""
-    from .._config import fast_wanted
-
     return _nb is not None and fast_wanted()
 
 

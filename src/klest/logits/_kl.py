@@ -18,11 +18,15 @@ and Y chunk by chunk from a few saved floats per row (m_x, m_y, c_x, c_y, KL):
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from typing import Any
 
+import numpy as np
 import torch
 
+from .._config import claim_fast
+from .._stream import ordered_map
 from ._rows import Group, Plan, raise_bad_rows, safe_max
 from ._twice import check_world, inf_rule, kl_rows, regrad, take, valid_index
 
@@ -333,17 +337,10 @@ def _fused_pass(
         if v.dtype != torch.float32 or v.ndim != 2 or v.stride(-1) != 1 or v.shape[0] < 1:
             return None
         views.append(v)
-    import importlib.util
-
-    from .._config import claim_fast
-
     work = sum(c[1] - c[0] for c in plan.chunks) * a.shape[-1]
     if not claim_fast(work) or importlib.util.find_spec("numba") is None:
         return None  # asked before importing anything: numba is not loaded when not wanted
-    import numpy as np
-
-    from .._stream import ordered_map
-    from . import _fused
+    from . import _fused  # here, not above: it imports numba, which `import klest` must not
 
     xv, yv = (views[1], views[0]) if swap else (views[0], views[1])
     X, Y = xv.detach().numpy(), yv.detach().numpy()

@@ -136,7 +136,7 @@ class TokenFunction(torch.autograd.Function):
                 careful[lo:hi] = True
         raise_bad_rows("logits", a, m, g)
         LSE, lp, HH, RR, w = _combine(m, lse, xt, H, R, g)
-        HH = HH.to(f64).clamp_min(0.0)  # ≥ 0 exactly
+        HH = HH.to(f64).clamp_min(0.0) + 0.0  # ≥ 0 exactly, and +0 (not -0) for a one-hot row
         RR = RR.to(f64)
         if not plan.all_valid:
             valid = valid_rows(plan, dev)

@@ -17,7 +17,8 @@ from .. import _numerics as nm
 from ..divergences import FDivergence, _check_derivative_forms, divergence_names, get_divergence
 from ..errors import KlestError
 from ..table import Estimator as TableEstimator
-from ..table import get_estimator
+from ..table import check_values, get_estimator, is_builtin
+from ._inputs import traced
 
 __all__ = [
     "BUILTIN",
@@ -100,6 +101,27 @@ def _xp(L: torch.Tensor) -> Any:
     return array_api_compat.array_namespace(L)
 
 
+def _user_record(est: Estimator) -> TableEstimator | None:
+    """The table record of an estimator whose functions are user code (a registered or
+    unregistered :class:`klest.Estimator`, or a divergence klest does not ship), else None."""
+    if isinstance(est, TableEstimator):
+        return None if is_builtin(est) else est
+    if isinstance(est, FDivergence) and _BUILTIN_DIVERGENCES.get(est.name) is not est:
+        return get_estimator(est)
+    return None
+
+
+def _checked(est: Estimator, L: torch.Tensor, out: Any, part: Any = "value") -> torch.Tensor:
+    """``out`` if user code returned one value per token, of a floating dtype at least as wide
+    as L's, without NaN where L is not NaN (:func:`klest.table.check_values`: one pass, once per
+    call and function); KlestError naming the estimator otherwise. klest's own forms pass
+    unchecked. Under ``torch.func`` the NaN check is skipped (no host reads there)."""
+    rec = _user_record(est)
+    if rec is None:
+        return out  # type: ignore[no-any-return]
+    return check_values(rec, L, out, nan=not traced(L, out), part=part)
+
+
 def _finite(L: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     fin = L > -torch.inf
     return fin, torch.where(fin, L, torch.zeros_like(L))
@@ -124,9 +146,9 @@ def value(est: Estimator, L: torch.Tensor) -> torch.Tensor:
             return nm.lexpl_mexpm1_closed(_xp(L), L.double())
         return nm.lexpl_mexpm1(_xp(L), L)
     if isinstance(est, TableEstimator):
-        return est.values(_xp(L), L)
+        return _checked(est, L, est.values(_xp(L), L))
     assert isinstance(est, FDivergence)
-    return est.corrected(_xp(L), L)
+    return _checked(est, L, est.corrected(_xp(L), L))
 
 
 Moments = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
@@ -236,10 +258,10 @@ def v_minus_slope(est: Estimator, L: torch.Tensor) -> torch.Tensor:
     if isinstance(est, FDivergence):
         gap = est.value_minus_slope(_xp(L), L)
         if gap is not None:
-            return gap
+            return _checked(est, L, gap, "value_minus_derivative")
     rec = _record(est)
     if rec is not None and rec.value_minus_derivative is not None:
-        return rec.value_minus_derivative(_xp(L), L)
+        return _checked(est, L, rec.value_minus_derivative(_xp(L), L), "value_minus_derivative")
     return value(est, L) - slope(est, L)
 
 
@@ -250,13 +272,18 @@ def slope(est: Estimator, L: torch.Tensor) -> torch.Tensor:
     if isinstance(est, FDivergence):
         d = est.slope(_xp(L), L)
         if d is not None:
-            return d
+            return _checked(est, L, d, "derivative")
     rec = _record(est)
     if rec is not None and rec.derivative is not None:
-        return rec.derivative(_xp(L), L)
-    with torch.enable_grad():
-        fin, Lf = _finite(L)
-        Lr = Lf.detach().requires_grad_(True)
-        v = value(est, Lr)
-        (d,) = torch.autograd.grad(v.sum(), Lr)
-    return torch.where(fin, d, torch.zeros_like(d))
+        return _checked(est, L, rec.derivative(_xp(L), L), "derivative")
+    fin, Lf = _finite(L)
+    if traced(L):  # under torch.func (grad, vmap): its own transform, composable with theirs
+        d = torch.func.grad(lambda x: value(est, x).sum())(Lf)
+    elif L.requires_grad:  # double backward: v' stays a function of L, so v'' is not dropped
+        with torch.enable_grad():
+            (d,) = torch.autograd.grad(value(est, Lf).sum(), Lf, create_graph=True)
+    else:
+        with torch.enable_grad():
+            Lr = Lf.detach().requires_grad_(True)
+            (d,) = torch.autograd.grad(value(est, Lr).sum(), Lr)
+    return _checked(est, L, torch.where(fin, d, torch.zeros_like(d)), "derivative")

@@ -21,7 +21,8 @@ key                        value
                            and of the sequence weights ∏_t w_t (log space), in (0, 1]
 ``log_ppl_diff``           mean over sequences of mean_t L = log ppl_μ − log ppl_π (positive:
                            the trainer finds the samples more likely than the sampler did;
-                           verl's and slime's ``log_ppl_diff`` is the negative of this)
+                           verl's and slime's ``log_ppl_diff`` is the negative of this;
+                           ``names="verl@0.9.1"`` gives verl's sign)
 ``abs_log_ratio_max``      max |L|
 ``abs_log_ratio_p99``      the 0.99 quantile of |L| (linear interpolation, as numpy/torch)
 ``frac_ratio_above_2``     fraction of tokens with w > 2
@@ -49,7 +50,8 @@ interpolated quantile of the union of the ranks' top-K values of |L| (K = N − 
 about 1 % of the global token count, all-gathered). Every rank must call :func:`mismatch`.
 
 **Cost.** One pass over cache-sized float64 blocks of L (no [B, T] float64 array is made for
-float32 input), plus a few float32 passes (max, counts) and a threshold-and-select for the p99.
+float32 input; the threshold counts are taken there too), plus a few passes in the input's
+precision (L, its extremes, |L| in place) and a threshold-and-select for the p99.
 
 **Peers' metric sets** (``names=``): ``"verl@0.9.1"`` (``rollout_corr/...``,
 ``compute_offpolicy_metrics``), ``"slime@0.3.1"`` (``mis_...``, ``--get-mismatch-metrics``),
@@ -69,7 +71,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .. import _numerics as nm
 from .._config import get_options
 from .._torch import check_mask, tensor_arg, world_size
 from ..errors import KlestError
@@ -207,8 +208,8 @@ def _prepare(
     if get_options().validate:
         _check_values(tr_c, ro_c, m)
     L = tr_c - ro_c
-    if m is not None:
-        L = torch.where(m, L, torch.zeros((), dtype=dtype, device=L.device))
+    if m is not None:  # in place: L is a new array
+        torch.where(m, L, torch.zeros((), dtype=dtype, device=L.device), out=L)
     return L, m, dtype
 
 
@@ -264,53 +265,59 @@ class _Group:
 
 
 def _token_pass(
-    L: torch.Tensor, m: torch.Tensor | None, n_valid: float, shift: float | None
+    L: torch.Tensor, m: torch.Tensor | None, shift: float | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row float64 sums [3, B] of L, k3(L) and forward_k3(L), and the scalars
-    (Σ w e^{-s}, Σ w² e^{-2s}) over the valid tokens, w = e^L, s = ``shift`` (0 when None).
-    L holds 0 at masked positions and no -inf; ``n_valid`` valid tokens.
+    """Per-row float64 sums [3, B] of L, k3(L) and forward_k3(L), and the float64 scalars
+    [a, b, n_above, n_below] over the valid tokens, w = e^L: with ``shift`` None (the fast path,
+    used when 0 <= max L <= 300) a = Σ (w − 1) and b = Σ (w − 1)², else a = Σ w e^{-s} and
+    b = Σ w² e^{-2s} (s = ``shift``); n_above, n_below count L > log 2 and L < −log 2.
+    L holds 0 at masked positions and no -inf.
 
-    Cache-sized float64 blocks of rows. k3 comes from the core's closed form (expm1(L) − L); with
-    e = k3 + L = expm1(L), the forward control variate L e^L − (e^L − 1) = L·e − k3 (two
-    non-negative terms: it loses at most log2|L| bits) and the weights w = e + 1. Masked tokens
-    have L = k3 = e = 0 and add nothing to these sums. ``shift`` None (the fast path, used when
-    0 <= max L <= 300): Σw = Σe + n and Σw² = Σe² + 2Σe + n, accurate to n·1e-16 against
-    Σw >= e^{max L} >= 1; else w e^{-s} = exp(L − s) directly, masked.
+    Cache-sized float64 blocks of rows, in three preallocated buffers. e = expm1(L); k3 = e − L
+    (the core's closed form :func:`klest._numerics.expm1mx_closed`); the forward control variate
+    L e^L − (e^L − 1) = L·e − k3 (two non-negative terms: it loses at most log2|L| bits; +inf
+    when e^L overflows); w = e + 1. Masked tokens have L = k3 = e = 0 and add nothing to these
+    sums. In the fast path Σw = a + n and Σw² = b + 2a + n are accurate to n·1e-16 against
+    Σw >= e^{max L} >= 1, and Σ (w² − 1) = b + 2a has no cancellation against n; else
+    w e^{-s} = exp(L − s) directly, masked.
     """
     B, T = L.shape
     f64 = torch.float64
-    rows = torch.zeros(3, B, dtype=f64, device=L.device)
-    acc = torch.zeros(3, dtype=f64, device=L.device)  # Σe (or Σw), Σe² (or Σw²)
+    dev = L.device
+    rows = torch.zeros(3, B, dtype=f64, device=dev)
+    acc = torch.zeros(4, dtype=f64, device=dev)
     if B == 0 or T == 0:
-        return rows, acc[:2]
+        return rows, acc
     step = max(1, _BLOCK // T)
-    buf = torch.empty(min(step, B), T, dtype=f64, device=L.device)
+    x_buf = torch.empty(min(step, B), T, dtype=f64, device=dev)
+    e_buf = torch.empty_like(x_buf)
+    t_buf = torch.empty_like(x_buf)
+    b_buf = torch.empty(x_buf.shape, dtype=torch.bool, device=dev)
     for start in range(0, B, step):
         stop = min(start + step, B)
-        x = buf[: stop - start]
+        n = stop - start
+        x, e, t, flags = x_buf[:n], e_buf[:n], t_buf[:n], b_buf[:n]
         x.copy_(L[start:stop])
-        k3 = nm.expm1mx_closed(torch, x)  # e^L - 1 - L, the core's closed form (float64)
         torch.sum(x, dim=1, out=rows[0, start:stop])
-        torch.sum(k3, dim=1, out=rows[1, start:stop])
-        e = k3.add_(x)  # expm1(L)
-        rows[2, start:stop] = torch.einsum("ij,ij->i", x, e)  # Σ L·expm1(L); − Σ k3 below
+        torch.expm1(x, out=e)
+        torch.sub(e, x, out=t)  # k3 = expm1(L) − L
+        torch.sum(t, dim=1, out=rows[1, start:stop])
+        torch.mul(x, e, out=t)  # L·expm1(L); − Σ k3 below
+        torch.sum(t, dim=1, out=rows[2, start:stop])
+        acc[2] += torch.gt(x, _LOG2, out=flags).sum()
+        acc[3] += torch.lt(x, -_LOG2, out=flags).sum()
         if shift is None:
             flat = e.reshape(-1)
-            acc[0] += flat.sum()
-            acc[1] += torch.dot(flat, flat)
         else:
-            w = torch.exp(x.sub_(shift))
+            w = torch.exp(x.sub_(shift), out=e)
             if m is not None:
                 w.mul_(m[start:stop])
             flat = w.reshape(-1)
-            acc[0] += flat.sum()
-            acc[1] += torch.dot(flat, flat)
-    rows[2] -= rows[1]
-    if shift is None:
-        s1 = float(acc[0]) + n_valid
-        s2 = float(acc[1]) + 2.0 * float(acc[0]) + n_valid
-        return rows, torch.tensor([s1, s2], dtype=f64, device=L.device)
-    return rows, acc[:2]
+        acc[0] += flat.sum()
+        acc[1] += torch.dot(flat, flat)
+    # e^L overflowed (L > 709.78): Σ k3 and Σ L·e are +inf, and so is the forward KL
+    rows[2] = torch.where(rows[1] == math.inf, rows[1], rows[2] - rows[1])
+    return rows, acc
 
 
 def _row_counts(m: torch.Tensor) -> torch.Tensor:
@@ -324,6 +331,18 @@ def _row_counts(m: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _masked_max(L: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """max of L over the True entries of m (−inf if none), by blocks of rows (no [B, T] copy)."""
+    B, T = L.shape
+    step = max(1, _BLOCK // max(T, 1))
+    neg = torch.tensor(-math.inf, dtype=L.dtype, device=L.device)
+    out = neg.clone()
+    for start in range(0, B, step):
+        blk = torch.where(m[start : start + step], L[start : start + step], neg)
+        out = torch.maximum(out, blk.max())
+    return out
+
+
 def _top_k(a: torch.Tensor, k: int) -> torch.Tensor:
     """The k largest entries of the 1-d ``a`` (descending), exactly: a threshold from a strided
     sample selects a small candidate set, checked to hold at least k entries (else a full topk)."""
@@ -333,7 +352,7 @@ def _top_k(a: torch.Tensor, k: int) -> torch.Tensor:
         return a[:0]
     if 16 * k >= n:
         return torch.topk(a, k).values
-    stride = max(1, n // max(64 * k, 1 << 16))
+    stride = max(1, n // (1 << 16))  # a sample of about 65536 entries
     sample = a[::stride]
     ks = k * sample.numel() / n
     j = min(sample.numel(), int(1.5 * ks + 3.0 * math.sqrt(ks) + 10))
@@ -359,17 +378,6 @@ def _quantile_from_top(top: torch.Tensor, n: int, q: float) -> float:
     return v_lo + frac * (v_hi - v_lo)
 
 
-def _lse(x: torch.Tensor) -> float:
-    """log Σ e^x in float64 (-inf for an empty or all -inf x, +inf when an entry is +inf)."""
-    if x.numel() == 0:
-        return -math.inf
-    return float(torch.logsumexp(x.to(torch.float64), dim=0))
-
-
-def _sqrt_or_nan(var: float, count: float) -> float:
-    return math.sqrt(max(var, 0.0)) if count >= 2 else math.nan
-
-
 # ------------------------------------------------------------------------------------- main
 
 
@@ -385,7 +393,8 @@ def mismatch(
     r"""Every sampler–trainer mismatch diagnostic of a batch, with standard errors.
 
     ``train_logp`` (log π) and ``rollout_logp`` (log μ, the sampler's) are [B, T] log-probs of the
-    sampled tokens, any float dtype (computed in float64 from float32 values, sums in float64);
+    sampled tokens, any float dtype (L formed in float32 for 16/32-bit inputs, then every function
+    of it and every sum in float64; float64 inputs stay float64);
     ``mask`` (bool or 0/1) marks valid tokens. With L = log π − log μ per valid token:
 
     .. math::
@@ -417,31 +426,26 @@ def mismatch(
     # maxima over the group: of L (its -inf tokens, the log-space shift) and of -L. Masked
     # entries of L are 0, so L.max() is the valid maximum whenever it is > 0
     if L.numel():
-        hi_lo = torch.stack([L.max(), -L.min()]).to(f64)
+        lo_hi = torch.aminmax(L)
+        hi_lo = torch.stack([lo_hi.max, -lo_hi.min]).to(f64)
     else:
         hi_lo = torch.full((2,), -math.inf, dtype=f64, device=dev)
     hi_lo = grp.max(hi_lo)
     l_max, l_min = float(hi_lo[0]), -float(hi_lo[1])
     if not l_max > 0.0 and m is not None and L.numel():  # every valid L <= 0: look closer
-        neg = torch.tensor(-math.inf, dtype=L.dtype, device=dev)
-        l_max = float(grp.max(torch.where(m, L, neg).max().to(f64).reshape(1)))
+        l_max = float(grp.max(_masked_max(L, m).to(f64).reshape(1)))
     neg_inf = l_min == -math.inf
     n_neg_inf_b = torch.zeros(B, dtype=f64, device=dev)
     Lw = L
     mw: torch.Tensor | None = m
-    n_fin = float(n_b.sum())
     if neg_inf:  # π gives some sample probability 0: count those tokens, compute on the rest
         at = L == -math.inf
         n_neg_inf_b = _row_counts(at)
         Lw = torch.where(at, torch.zeros((), dtype=L.dtype, device=dev), L)
         mw = ~at if m is None else (m & ~at)
-        n_fin -= float(n_neg_inf_b.sum())
     fast = 0.0 <= l_max <= 300.0
     shift = None if fast else (l_max if math.isfinite(l_max) else 0.0)
-    rows, s12 = _token_pass(Lw, mw, n_fin, shift)
-    if fast:
-        shift = 0.0
-    assert shift is not None
+    rows, acc = _token_pass(Lw, mw, shift)
     sum_L_b, sum_k3_b, sum_fwd_b = rows[0], rows[1], rows[2]
     inf_rows = n_neg_inf_b > 0
     if neg_inf:
@@ -449,10 +453,6 @@ def mismatch(
         sum_L_b = torch.where(inf_rows, torch.full_like(sum_L_b, -math.inf), sum_L_b)
         sum_k3_b = torch.where(inf_rows, torch.full_like(sum_k3_b, math.inf), sum_k3_b)
         sum_fwd_b = sum_fwd_b + n_neg_inf_b
-    thr = torch.tensor(_LOG2, dtype=L.dtype, device=dev)
-    # masked entries of L are 0: never above log 2 nor below -log 2
-    above = L > thr
-    below = L < -thr
     mean_L_b = torch.where(has, sum_L_b / n_b.clamp(min=1.0), torch.zeros_like(sum_L_b))
     sums = grp.sum(
         torch.stack(
@@ -462,16 +462,20 @@ def mismatch(
                 sum_k3_b.sum(),
                 sum_L_b.sum(),
                 sum_fwd_b.sum(),
-                s12[0],
-                s12[1],
-                torch.count_nonzero(above).to(f64),
-                torch.count_nonzero(below).to(f64),
+                acc[0],
+                acc[1],
+                acc[2],
+                acc[3],
                 torch.where(has, sum_k3_b, torch.zeros_like(sum_k3_b)).sum(),
                 mean_L_b.sum(),
+                n_neg_inf_b.sum(),
             ]
         )
     )
-    N, S, t_k3, t_L, t_fwd, s1, s2, n_above, n_below, t_seqk3, t_mean_L = (float(v) for v in sums)
+    N, S, t_k3, t_L, t_fwd, a, b, n_above, n_below, t_seqk3, t_mean_L, n_zero = (
+        float(v) for v in sums
+    )
+    n_below += n_zero  # w = 0 < 1/2 at the tokens where π gives probability 0
     # sequence log-weights Σ_t L: their maximum for the log-space sums
     seq_logw = sum_L_b[has]
     local_max = seq_logw.max() if seq_logw.numel() else torch.tensor(-math.inf, dtype=f64)
@@ -492,6 +496,9 @@ def mismatch(
         return torch.where(has, d * d, zero).sum()
 
     ew = torch.where(has, torch.exp(sum_L_b - sh), zero)
+    # Σ (W_b² − 1) directly when no W_b² overflows: no cancellation against S for small mismatch
+    direct = 2.0 * seq_max <= 700.0
+    em1 = torch.where(has, torch.expm1(2.0 * sum_L_b), zero).sum() if direct else zero
     second = grp.sum(
         torch.stack(
             [
@@ -502,10 +509,11 @@ def mismatch(
                 centred(mean_L_b, ppl_mean),
                 ew.sum(),
                 torch.dot(ew, ew),
+                em1,
             ]
         )
     )
-    c_k3, c_L, c_fwd, c_seq, c_ppl, e1, e2 = (float(v) for v in second)
+    c_k3, c_L, c_fwd, c_seq, c_ppl, e1, e2, e_m1 = (float(v) for v in second)
     cl = S / (S - 1) if S >= 2 else math.nan
 
     def cluster_se(c: float, r: float) -> float:
@@ -522,15 +530,23 @@ def mismatch(
             return math.inf
         return math.sqrt(c / (S - 1) / S)
 
-    # token weights: log Σw = shift + log s1, log Σw² = 2 shift + log s2
+    # token weights (the -inf tokens have w = 0 and count in N)
     log_n = math.log(N)
-    if s2 > 0:
-        log_m2 = 2.0 * shift + math.log(s2) - log_n  # log mean w²
+    if shift is None:  # a = Σ (w − 1), b = Σ (w − 1)² over the N − n_zero tokens with w > 0
+        n_pos = N - n_zero
+        s1, s2 = a + n_pos, b + 2.0 * a + n_pos  # Σw, Σw² >= 1 (some L >= 0)
+        token_chi2 = (b + 2.0 * a - n_zero) / N  # mean (w² − 1), no cancellation against N
+        ess_token = s1 * s1 / (N * s2)
+    elif b > 0:  # a = Σ w e^{-shift}, b = Σ w² e^{-2 shift}
+        log_m2 = 2.0 * shift + math.log(b) - log_n  # log mean w²
         token_chi2 = math.expm1(log_m2) if log_m2 < 709.0 else math.inf
-        ess_token = math.exp(2.0 * math.log(s1) - math.log(s2) - log_n)
+        ess_token = math.exp(2.0 * math.log(a) - math.log(b) - log_n)
     else:  # every valid token has w = 0 (train_logp = -inf): mean w² = 0
         token_chi2, ess_token = -1.0, math.nan
-    if e2 > 0:
+    if direct:
+        seq_chi2 = e_m1 / S
+        ess_seq = math.exp(2.0 * math.log(e1) - math.log(e2) - math.log(S)) if e2 > 0 else math.nan
+    elif e2 > 0:
         log_m2s = 2.0 * sh + math.log(e2) - math.log(S)
         seq_chi2 = math.expm1(log_m2s) if log_m2s < 709.0 else math.inf
         ess_seq = math.exp(2.0 * math.log(e1) - math.log(e2) - math.log(S))
@@ -540,7 +556,7 @@ def mismatch(
     return MismatchReport(
         token_kl=r_k3,
         token_kl_stderr=cluster_se(c_k3, r_k3),
-        token_kl_k1=-r_L,
+        token_kl_k1=0.0 - r_L,  # never -0.0
         token_kl_k1_stderr=cluster_se(c_L, r_L),
         token_forward_kl=r_fwd,
         token_forward_kl_stderr=cluster_se(c_fwd, r_fwd),
@@ -565,7 +581,7 @@ def _abs_tail(L: torch.Tensor, m: torch.Tensor | None, n: int, grp: _Group) -> t
     """max |L| and the exact 0.99 quantile of |L| over the valid tokens of the whole group."""
     # masked entries of L are 0 = |0|: the top-k multiset of |L| over valid tokens and zeros
     # equals that over the valid tokens alone (N >= k valid values, all >= 0)
-    a = L.abs().reshape(-1)
+    a = L.abs_().reshape(-1)  # L is mismatch's own array, not read after this
     k = n - math.floor(_Q * (n - 1))
     top = _top_k(a, k)
     if grp.world > 1:

@@ -178,19 +178,25 @@ def _spec(
 
 
 def _warn_infinite(prep: Prepared, spec: Spec) -> None:
-    """In validation mode, say so when π_ref gives a valid token probability 0 and the
-    estimator's value there (L = -inf) is +inf: the reverse KL's. The forward KL and
-    f-divergences with f(0) finite have finite values there (forward_k1: 0, forward_k3: 1)."""
+    """In validation mode, say so when π_ref gives a valid token probability 0 and the value
+    there (L = -inf, after ``clamp`` and ``value_clamp``) is +inf: the reverse KL's. The forward
+    KL and f-divergences with f(0) finite have finite values there (forward_k1: 0,
+    forward_k3: 1), and so does any estimator whose log-ratio or value is clamped."""
     if not get_options().validate or prep.ref_finite or prep.traced:
-        return
-    at_zero = value(spec.estimator, torch.tensor([-torch.inf], dtype=torch.float64))
-    if not bool(torch.isposinf(at_zero).all()):
         return
     bad = prep.ref_logp == -torch.inf
     if prep.mask is not None:
         bad = bad & prep.mask
     n = int(bad.sum())
-    if n:
+    if not n:
+        return
+    L0 = torch.tensor([-torch.inf], dtype=torch.float64)
+    if spec.clamp is not None:
+        L0 = L0.clamp(*spec.clamp)
+    at_zero = value(spec.estimator, L0)
+    if spec.value_clamp is not None:  # v or w·v (w > 0 finite) clipped: the same bound binds
+        at_zero = at_zero.clamp(*spec.value_clamp)
+    if bool(torch.isposinf(at_zero).all()):
         warnings.warn(
             f"klest.rl: ref_logp = -inf at {n} valid token(s): the reference gives them "
             "probability 0, so KL(π‖π_ref) is +inf there (values are +inf, not NaN)",

@@ -112,6 +112,8 @@ def _undeprecated(name: str) -> str:
     if not sep or new is None:
         return name
     full = f"{new}:{option}"
+    if full not in _REGISTRY:
+        return name  # no such option: the caller's "unknown preset" error, without a warning
     if name not in _WARNED:
         _WARNED.add(name)
         warnings.warn(

@@ -226,8 +226,7 @@ def fit_alpha(
     independent of the row it weights and the mix stays unbiased. Rows [B, T] of returns; rows
     with a non-finite return (an infinite KL) are left out of the moments.
     """
-    if folds < 2:
-        raise KlestError("cross-fitting needs at least 2 folds", argument="folds", value=folds)
+    folds = _check_folds(folds)
     a = returns_full.detach().to(torch.float64)
     d = returns_k1.detach().to(torch.float64) - a
     B = a.shape[0]
@@ -274,7 +273,7 @@ def sequence_kl(
     >>> out.terms.detach(), logp.grad, kl.grad  # value KL_t; ∇log π_1 carries KL_2
     (tensor([[0.3000, 0.5000]]), tensor([[0.5000, 0.0000]]), tensor([[1., 1.]]))
     """
-    _check_options(estimator, weighting, alpha, weight_clamp)
+    _check_options(estimator, weighting, alpha, weight_clamp, folds)
     if not isinstance(logp, torch.Tensor) or logp.ndim != 2 or not logp.is_floating_point():
         raise KlestError(
             "must be a floating torch tensor [batch, seq]", argument="logp", value=logp
@@ -374,7 +373,20 @@ def _mix(a: torch.Tensor, k1: _Pieces, full: _Pieces) -> _Pieces:
     return _Pieces(value, mix(k1.logp, full.logp), _part(1 - a, full.kl), ref, value)
 
 
-def _check_options(estimator: Any, weighting: Any, alpha: Any, weight_clamp: Any) -> None:
+def _check_folds(folds: Any) -> int:
+    """``folds`` as an int if it is an integer >= 2 (not a bool); KlestError otherwise."""
+    if isinstance(folds, bool) or not isinstance(folds, numbers.Integral):
+        raise KlestError(
+            f"must be an integer >= 2, got {type(folds).__name__}", argument="folds", value=folds
+        )
+    if folds < 2:
+        raise KlestError("cross-fitting needs at least 2 folds", argument="folds", value=folds)
+    return int(folds)
+
+
+def _check_options(
+    estimator: Any, weighting: Any, alpha: Any, weight_clamp: Any, folds: Any
+) -> None:
     if estimator not in SEQUENCE_ESTIMATORS:
         raise KlestError(
             f"unknown estimator {estimator!r}; known: {', '.join(SEQUENCE_ESTIMATORS)}",
@@ -402,6 +414,7 @@ def _check_options(estimator: Any, weighting: Any, alpha: Any, weight_clamp: Any
         isinstance(alpha, numbers.Real) and not isinstance(alpha, bool) and math.isfinite(alpha)
     ):
         raise KlestError("must be a finite number or 'cross_fit'", argument="alpha", value=alpha)
+    _check_folds(folds)
 
 
 def _check_values(
