@@ -59,7 +59,7 @@ pytest: $(VENV)/.test-installed
 		$(PYTEST) tests/test_docs.py; \
 	if [ -n "$$failed" ]; then echo "==> failed:$$failed"; exit 1; fi
 
-test: lint typecheck pytest
+test: lint typecheck pytest test-trainers
 
 docs: $(VENV)/.test-installed
 	$(BIN)/python tests/docsync.py --update
@@ -69,3 +69,29 @@ bench: $(VENV)/.test-installed
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
+
+# verl and OpenRLHF pin versions that conflict with TRL's (requirements-test.txt) and with each
+# other: their adapters' tests run in a second environment, created here (requirements-trainers.txt
+# says what it holds and why). `make test` runs them after the main suite.
+TVENV ?= .venv-trainers
+TBIN := $(TVENV)/bin
+
+.PHONY: test-trainers clean-trainers
+
+$(TBIN)/python:
+	$(PYTHON) -m venv $(TVENV)
+
+$(TVENV)/.installed: pyproject.toml requirements-trainers.txt | $(TBIN)/python
+	@echo "==> installing the verl/OpenRLHF test environment into $(TVENV) (first run: 2-3 minutes)"
+	$(TBIN)/python -m pip install --quiet -r requirements-trainers.txt -e .
+	$(TBIN)/python -m pip install --quiet --no-deps verl==0.9.1 openrlhf==0.11.2
+	touch $@
+
+test-trainers: $(TVENV)/.installed
+	$(call part,tests: the verl and OpenRLHF adapters in $(TVENV) (tests/integrations),\
+		$(TBIN)/python -m pytest -q tests/integrations/test_verl.py tests/integrations/test_openrlhf.py)
+
+clean-trainers:
+	rm -rf $(TVENV)
+
+clean: clean-trainers

@@ -364,8 +364,8 @@ def _exec_page(items: list[dict[str, str]]) -> list[dict[str, str | None]]:
 
 
 @functools.cache
-def run_python(page: Path) -> dict[int, dict[str, str | None]]:
-    """Run the page's Python snippets (not the skipped ones) in a fresh interpreter; by line."""
+def run_python(page: Path) -> dict[str, dict[str, str | None]]:
+    """Run the page's Python snippets (not the skipped ones) in a fresh interpreter; by source."""
     items = [
         it
         for it in parse(page)
@@ -381,7 +381,7 @@ def run_python(page: Path) -> dict[int, dict[str, str | None]]:
         if not out.exists():
             raise RuntimeError(f"running the snippets of {page.name} failed:\n{log}")
         results = json.loads(out.read_text(encoding="utf-8"))
-    return {it.line: r for it, r in zip(items, results, strict=True)}
+    return {it.source: r for it, r in zip(items, results, strict=True)}
 
 
 def result(item: Item) -> tuple[str, str | None]:
@@ -394,7 +394,9 @@ def result(item: Item) -> tuple[str, str | None]:
     if item.kind == "region":
         got = run_command(item.source, cwd=str(ROOT))
         return got, None
-    r = run_python(item.page)[item.line]
+    r = run_python(item.page).get(item.source)
+    if r is None:
+        return "", f"{item.page.name} changed while the tests ran (this snippet is gone): run again"
     return str(r["got"]), r["error"]
 
 

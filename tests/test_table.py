@@ -166,10 +166,10 @@ _MP_VALUES = {
 
 
 @pytest.mark.parametrize("name", list(_MP_VALUES))
-def test_values_and_derivatives_against_mpmath(name):
+def test_values_and_derivatives_against_mpmath(name, monkeypatch):
     import array_api_compat.numpy as npx
 
-    mpmath.mp.dps = 40
+    monkeypatch.setattr(mpmath.mp, "dps", 40)  # restored afterwards
     xs = np.array([-30.0, -5.0, -1.0, -1e-3, 1e-6, 0.3, 2.0, 20.0])
     rec = klest.get_estimator(name)
     got_v = rec.values(npx, xs)
@@ -190,13 +190,13 @@ def test_values_and_derivatives_against_mpmath(name):
         assert edge[0] == 0.0
 
 
-def test_fdiv_records_carry_the_divergences_derivative_forms():
+def test_fdiv_records_carry_the_divergences_derivative_forms(monkeypatch):
     """fdiv: records take v' and v - v' from the divergence's closed forms (one place), which
     agree with 40-digit derivatives of f(e^L) - f'(1)(e^L - 1); a divergence registered with
     forms that disagree with its value is refused."""
     import array_api_compat.numpy as npx
 
-    mpmath.mp.dps = 40
+    monkeypatch.setattr(mpmath.mp, "dps", 40)  # restored afterwards
     xs = np.array([-20.0, -2.0, -0.5, -1e-4, 1e-5, 0.4, 3.0, 30.0])
     for name in ("fdiv:chi2", "fdiv:squared_hellinger", "fdiv:jensen_shannon", "fdiv:alpha:-0.5"):
         rec = klest.get_estimator(name)

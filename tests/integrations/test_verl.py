@@ -10,12 +10,15 @@ code for verl's own names.
 from __future__ import annotations
 
 import functools
+import importlib
+from pathlib import Path
 
 import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("verl", reason="verl 0.9.1 runs in .venv-trainers (make test-trainers)")
 
+import verl  # noqa: E402
 import verl.trainer.distillation.losses as distillation  # noqa: E402
 import verl.trainer.ppo.core_algos as core_algos  # noqa: E402
 from tensordict import TensorDict  # noqa: E402
@@ -330,6 +333,23 @@ def test_klest_ppo_loss_sequence_k1_is_the_reward_to_go_of_the_log_ratio():
     assert float(metrics["kl_loss"].values[0]) == pytest.approx(float(ell.sum() / b), rel=1e-12)
 
 
+def test_klest_ppo_loss_sequence_k1_off_policy_is_klest_sequence_kl():
+    """Later PPO epochs (old_log_probs ≠ current): klest.rl.sequence_kl's per-decision weighted
+    terms, reduced as asked (here verl's token-mean)."""
+    config, flat, data, logp, ref, old, mask, where = _batch(18)
+    loss_fn = functools.partial(kv.klest_ppo_loss, kl="sequence_kl:k1", aggregation="token-mean")
+    loss, grad, _ = _loss_and_grad(loss_fn, config, flat, data, where)
+    base, base_grad, _ = _loss_and_grad(
+        ppo_loss, _batch(18, use_kl_loss=False)[0], flat, data, where
+    )
+    x = logp.clone().requires_grad_()
+    terms = klest.rl.sequence_kl(x, ref, old_logp=old, mask=mask.bool(), estimator="k1").terms
+    expected = (terms * mask).sum() / mask.sum()
+    expected.backward()
+    torch.testing.assert_close(loss - base, BETA * expected.detach(), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(grad - base_grad, BETA * x.grad, rtol=1e-10, atol=1e-14)
+
+
 def test_klest_ppo_loss_token_term_gets_the_importance_weight():
     """A klest name in klest_ppo_loss is weighted by the detached π/π_old (old_log_probs)."""
     config, flat, data, logp, ref, old, mask, where = _batch(14, agg="token-mean")
@@ -365,3 +385,48 @@ def test_klest_ppo_loss_refuses_unknown_kl():
     with pytest.raises(KlestError) as err:
         kv.klest_ppo_loss(config, {"log_probs": flat}, data, kl="k3")
     assert err.value.argument == "kl"
+
+
+# ------------------------------------------------------------------------------ Ray workers
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_ray_setup_hook_installs_in_workers():
+    """The driver has not installed (a driver patch would not reach the worker anyway); the
+    worker_process_setup_hook named in the docs does, in every worker process."""
+    ray = pytest.importorskip("ray")
+    kv.uninstall()
+    ray.init(
+        num_cpus=1,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+        runtime_env={"worker_process_setup_hook": "klest.integrations.verl.install"},
+    )
+    logp, ref = torch.tensor([[-1.0, -2.0]]), torch.tensor([[-1.5, -1.0]])
+    try:  # verl's own function, run in a worker (pickled by reference to verl)
+        got = ray.get(ray.remote(core_algos.kl_penalty).remote(logp, ref, "klest:k1"))
+    finally:
+        ray.shutdown()
+    assert got.tolist() == [[0.5, -1.0]]  # ℓ = logp - ref, exact in float32
+    assert not kv.installed()  # the driver was never patched
+
+
+def test_the_documented_command_line_composes_with_verls_config():
+    """The overrides docs/trainers.md shows for `python -m verl.trainer.main_ppo`, on verl's own
+    hydra config: the KL names reach the configs, the hook's dotted path is install()."""
+    hydra = pytest.importorskip("hydra")
+    overrides = [
+        "actor_rollout_ref.actor.use_kl_loss=True",
+        "actor_rollout_ref.actor.kl_loss_type=klest:k3",
+        "algorithm.use_kl_in_reward=True",
+        "algorithm.kl_penalty=klest:k1",
+        "+ray_kwargs.ray_init.runtime_env.worker_process_setup_hook=klest.integrations.verl.install",
+    ]
+    config_dir = str(Path(verl.__file__).parent / "trainer" / "config")
+    with hydra.initialize_config_dir(config_dir=config_dir, version_base=None):
+        cfg = hydra.compose("ppo_trainer", overrides=overrides)
+    assert cfg.actor_rollout_ref.actor.kl_loss_type == "klest:k3"
+    assert cfg.algorithm.kl_penalty == "klest:k1"
+    hook = cfg.ray_kwargs.ray_init.runtime_env.worker_process_setup_hook
+    module, _, attr = hook.rpartition(".")
+    assert getattr(importlib.import_module(module), attr) is kv.install

@@ -55,12 +55,12 @@ BAD = {
 CALLS = {
     "kl_per_token": lambda lp, ref, name: rl.kl_per_token(lp, ref, estimator=name),
     "kl_penalty": lambda lp, ref, name: rl.kl_penalty(lp, ref, estimator=name),
-    "kl_loss": lambda lp, ref, name: rl.kl_loss(
-        lp.clone().requires_grad_(True), ref, estimator=name
-    ).loss,
-    "kl_loss_as_written": lambda lp, ref, name: rl.kl_loss(
-        lp.clone().requires_grad_(True), ref, estimator=name, gradient="as_written"
-    ).loss,
+    "kl_loss": lambda lp, ref, name: (
+        rl.kl_loss(lp.clone().requires_grad_(True), ref, estimator=name).loss
+    ),
+    "kl_loss_as_written": lambda lp, ref, name: (
+        rl.kl_loss(lp.clone().requires_grad_(True), ref, estimator=name, gradient="as_written").loss
+    ),
 }
 
 

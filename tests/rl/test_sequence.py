@@ -550,11 +550,11 @@ def test_an_infinite_kl_at_one_position_leaves_the_other_gradients_finite(off_po
         assert float(kl3.grad[0, 0]) == 0.0 and torch.isfinite(kl3.grad).all()
 
 
-def test_prefix_weights_past_exp_overflow_are_formed_in_log_space():
+def test_prefix_weights_past_exp_overflow_are_formed_in_log_space(monkeypatch):
     """log-ratios of 400 per token: W_{1:2} = e^800 and W_{1:3} = e^1200 overflow float64, but
     the products with tiny ℓ and KL are ordinary numbers (truth: mpmath at 50 digits)."""
     mpmath = pytest.importorskip("mpmath")
-    mpmath.mp.dps = 50
+    monkeypatch.setattr(mpmath.mp, "dps", 50)  # restored afterwards
     logp = torch.tensor([[-1e-300, -2e-300, -1e-305]], dtype=F64, requires_grad=True)
     ref = 2 * logp.detach()  # ℓ = -logp exactly
     old = logp.detach() - 400.0

@@ -29,11 +29,12 @@ term, the gradient of w·½ℓ² with w = min(π/π_old, 10) detached (1 without
 (argparse ``choices``): a klest name needs a launcher that builds the arguments itself (or edits
 them after parsing) and calls ``openrlhf.cli.train_ppo_ray.train(args)``.
 
-**Ray.** A patch in the driver does not reach OpenRLHF's Ray actors (``PolicyModelActor`` runs the
-KL loss in its own process): start Ray yourself before ``train(args)`` (which then skips its own
+**Ray.** A patch in the driver does not reach OpenRLHF's Ray actors, and both KLs are computed
+in actors: the KL loss in ``PolicyModelActor``, the KL in the reward in ``PPOTrainer`` (a Ray actor
+that makes the experience). Start Ray yourself before ``train(args)`` (which then skips its own
 ``ray.init``) with ``ray.init(runtime_env={"worker_process_setup_hook":
-"klest.integrations.openrlhf.install", "env_vars": {...}})``, and call :func:`install` in the driver
-too (the reward's KL is computed there).
+"klest.integrations.openrlhf.install", "env_vars": {...}})``: every worker process runs
+:func:`install` before it imports OpenRLHF's trainer modules.
 
 Importing this module imports ``openrlhf.models.utils`` (and so DeepSpeed; ``pip install
 'klest[openrlhf]'``); ``import klest`` and ``import klest.integrations`` do not.
