@@ -58,7 +58,14 @@ from klest._config import claim_fast, get_options, options
 from klest._numerics import LAB_SERIES_RADIUS, numpy_values
 from klest._stream import kernel_for, numpy_kind
 from klest.estimators import _k_lambda
-from klest.table import BUILTIN_NAMES, FDIV_PREFIX, Estimator, get_estimator, is_builtin
+from klest.table import (
+    BUILTIN_NAMES,
+    FDIV_PREFIX,
+    Estimator,
+    check_values,
+    get_estimator,
+    is_builtin,
+)
 
 from . import _scaled
 from . import distributions as D
@@ -367,7 +374,10 @@ def _generic_block(
     def lab_values(rec: Estimator, kind: str | None, L: np.ndarray) -> np.ndarray:
         """The record's values on L (float64), to LAB_RTOL relative for the series kinds."""
         if kind is None or L.dtype != np.float64 or L.ndim != 1:
-            v = np.asarray(rec.values(_NPX, L), dtype=np.float64).reshape(-1)
+            raw = rec.values(_NPX, L)
+            if not is_builtin(rec):  # a registered estimator: NaN on finite L is refused
+                check_values(rec, L, raw)
+            v = np.asarray(raw, dtype=np.float64).reshape(-1)
             # chunk() overwrites its input: copy only values that share L's memory
             return v.copy() if np.may_share_memory(v, L) else v
         return numpy_values(kind, L, vbuf[: L.size], radius=LAB_SERIES_RADIUS)

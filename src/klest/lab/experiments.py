@@ -71,6 +71,7 @@ ROW_KEYS = (
     "n",
     "seed",
     "truth_note",
+    "values_overflow",
 )
 
 
@@ -126,6 +127,11 @@ def _row(
     # p = q (a sweep crossing it): the truth is 0, every ratio to it is undefined ('-'); so is
     # every ratio to a truth of +inf (a sweep point recorded with its reason)
     defined = true != 0 and math.isfinite(true)
+    # a finite truth is the mean of values finite almost surely: a mean of ±inf (or NaN) then
+    # means the per-sample values left float64's range (k2 = L²/2 past |L| ≈ 1.9e154), and no
+    # ratio is measured (refused, not printed as inf)
+    overflow = math.isfinite(true) and not math.isfinite(res.mean)
+    measured = defined and not overflow
     return {
         "q": q.spec,
         "p": p.spec,
@@ -135,18 +141,19 @@ def _row(
         "truth_source": t.source,
         "truth_stderr": t.stderr if t.approximate else None,
         "mean": res.mean,
-        "bias_over_true": (res.mean - true) / true if defined else None,
-        "stdev_over_true": std / abs(true) if defined else None,
+        "bias_over_true": (res.mean - true) / true if measured else None,
+        "stdev_over_true": std / abs(true) if measured else None,
         "expected_bias_over_true": None if expected is None or not defined else expected[0],
         "expected_stdev_over_true": None if expected is None or not defined else expected[1],
-        "stderr_bias_over_true": std / abs(true) / math.sqrt(res.n) if defined else None,
-        "stdev_reliable": reliable,
+        "stderr_bias_over_true": std / abs(true) / math.sqrt(res.n) if measured else None,
+        "stdev_reliable": reliable and not overflow,
         "variance_finite": variance_finite,
         "max_share": res.max_share,
         "lambda": res.lam,
         "n": res.n,
         "seed": seed,
         "truth_note": t.note or None,
+        "values_overflow": overflow,
     }
 
 

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import KlestError
+from .experiments import rows_to_csv, rows_to_json
 
 if TYPE_CHECKING:
     import torch
@@ -770,7 +771,6 @@ _COLUMNS = [
 
 def format_gradient_rows(rows: Sequence[dict[str, Any]], fmt: str = "table") -> str:
     """``table`` (aligned), ``markdown``, ``csv`` or ``json`` (one object per option)."""
-    from .experiments import rows_to_csv, rows_to_json
 
     if fmt == "json":
         return rows_to_json(rows)

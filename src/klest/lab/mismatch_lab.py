@@ -62,6 +62,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import KlestError
+from .experiments import rows_to_csv, rows_to_json
 from .gradients import (
     Batch,
     Option,
@@ -571,7 +572,6 @@ def _cell(key: str, v: Any) -> str:
 def format_mismatch_rows(rows: Sequence[dict[str, Any]], fmt: str = "table") -> str:
     """``table`` (aligned), ``markdown``, ``csv`` or ``json`` (one object per correction, every
     number as computed)."""
-    from .experiments import rows_to_csv, rows_to_json
 
     if fmt == "json":
         return rows_to_json(rows)

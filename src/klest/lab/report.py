@@ -33,8 +33,9 @@ def _num(v: Any, digits: int = 4) -> str:
 
 def _cells(r: dict[str, Any], with_q: bool = False) -> list[str]:
     reliable = r.get("stdev_reliable", True)
-    stdev = _num(r["stdev_over_true"]) if reliable else "unreliable*"
-    se = _num(r["stderr_bias_over_true"], 2) if reliable else "unreliable*"
+    flag = "not measured*" if r.get("values_overflow") else "unreliable*"
+    stdev = _num(r["stdev_over_true"]) if reliable else flag
+    se = _num(r["stderr_bias_over_true"], 2) if reliable else flag
     true = _num(r["true_value"], 5)
     if r.get("truth_stderr") is not None:
         true += f" ±{_num(r['truth_stderr'], 2)}"
@@ -96,7 +97,11 @@ def _notes(rows: Sequence[dict[str, Any]]) -> list[str]:
     if infinite:
         notes.append("true value +inf (every ratio to it undefined, '-'):")
         notes += infinite
-    bad = [r for r in rows if not r.get("stdev_reliable", True)]
+    over = [r for r in rows if r.get("values_overflow")]
+    if over:
+        notes.append("* not measured: per-sample values beyond float64's range (about 1.8e308):")
+        notes += [f"  {r['estimator']} vs {pair(r)}" for r in over]
+    bad = [r for r in rows if not r.get("stdev_reliable", True) and not r.get("values_overflow")]
     if bad:
         notes.append(
             "* stdev unreliable: the per-sample variance may be infinite, the printed stdev would "

@@ -48,6 +48,7 @@ import numpy as np
 
 import klest
 from klest import FDivergence, KlestError
+from klest._numerics import expm1mx
 from klest.table import check_values, is_builtin
 
 from . import distributions as D
@@ -144,8 +145,6 @@ def closed_form(q: Any, p: Any, div: FDivergence) -> float | None:
 # ---------------------------------------------------------------------- closed forms
 def _expm1mx(x: float) -> float:
     """e^x - 1 - x without cancellation (klest's own primitive)."""
-    from klest._numerics import expm1mx
-
     return float(expm1mx(np, np.array([float(x)]))[0])
 
 
