@@ -489,6 +489,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     bad = 0
     for page, lines in _resolve(args.pages):
+        missing = (lines or set()) - {item.line for item in parse(page)}
+        if missing:
+            print(f"{page.name}: no snippet, session or region starts at line(s) {sorted(missing)}")
+            return 2
         if args.update:
             update(page, lines)
             continue

@@ -609,12 +609,15 @@ FUSED_NAMES = frozenset({"k1", "k2", "k3", "forward_k1", "forward_k3"})
 
 #: What one draw costs per target and estimator on the NumPy path, counted for the "auto" rule
 #: of ``klest.options(fast=...)`` (:func:`klest._config.claim_fast`), in units of one simple value
-#: (1 for k1, k2, k3 and any other estimator; together they save about 2 ns per value once
-#: compiled, the unit of ``AUTO_FAST_WORK``): forward_k3 and k_opt save 3.5 and 4.5 times as much
-#: (their NumPy forms take series, exponentials and co-moments; CPU time measured on the seed's
-#: experiment, 2-core AMD EPYC, 2026-12). The seed's experiment at its default size (1e7 draws, 2
-#: targets, k1, k2, k3, forward_k3, k_opt: 2.2e8) thus loads the kernels; ``--n 1000`` does not.
-WORK_PER_DRAW = {"forward_k3": 3.5, "k_opt": 4.5}
+#: (1 for k1, k2, k3 and any other estimator: compiled, they save about 2 ns per value, the unit
+#: of ``AUTO_FAST_WORK``): forward_k3 and k_opt save 3 and 3.6 times as much (their NumPy forms
+#: take series, exponentials and co-moments). Measured on the seed's experiment (2-core AMD EPYC,
+#: 2026-12-07, benchmarks/bench_lab.py): the engine's five estimators take 0.48 s on NumPy and
+#: 0.087 s compiled (k1/k2/k3 alone: 0.198 and 0.073 s), so the saving at the default size (1e7
+#: draws, 2 targets: 1.9e8 units) is about numba's load (0.45 s and 110 MiB): ``klest reproduce``
+#: ran in 0.95 s with the kernels and 0.96-1.09 s without. Below the threshold the default stays
+#: on NumPy (65 MiB instead of 175); ten times the draws load the kernels.
+WORK_PER_DRAW = {"forward_k3": 3.0, "k_opt": 3.6}
 
 
 def _work_per_draw(names: Sequence[str]) -> float:
