@@ -277,9 +277,8 @@ if _nb is not None:
                 out[i] = x * math.exp(x) - math.expm1(x)
 
     @_jit_fma
-    def _doubling(code: int, L: np.ndarray, s: int, out: np.ndarray, e: np.ndarray) -> None:
-        """k3 (code 2), forward_k1 (3) or forward_k3 (4) of finite L with |L| <= RADIUS·2^s:
-        k3(y) and e^y at y = L/2^s, then s doublings (e: scratch of L's size)."""
+    def _k3_scaled(L: np.ndarray, s: int, out: np.ndarray) -> None:
+        """k3(y) = Σ_{k=2}^{18} y^k/k! at y = L/2^s by Horner (c_2..c_18), for |y| <= RADIUS."""
         c = _C
         scale = 2.0**-s
         for i in range(L.size):  # k3(y) by Horner, c_2..c_18
@@ -301,23 +300,48 @@ if _nb is not None:
             p = p * y + c[1]
             p = p * y + c[0]
             out[i] = p * (y * y)
+
+    @_jit_fma
+    def _k3_and_exp(L: np.ndarray, s: int, k: np.ndarray, e: np.ndarray) -> None:
+        """k3(L) into k and e^L into e for finite L with |L| <= RADIUS·2^s: the steps of
+        the doubling of k3(y) at y = L/2^s (:func:`_k3_scaled`) with e^y = 1 + y + k3(y)
+        squared alongside (same error bound)."""
+        _k3_scaled(L, s, k)
+        scale = 2.0**-s
+        for i in range(L.size):
+            e[i] = 1.0 + L[i] * scale + k[i]
+        for j in range(s):
+            scale = 2.0 ** (j - s)
+            for i in range(L.size):
+                y = L[i] * scale
+                k[i] = y * y + k[i] * (2.0 + 2.0 * y + k[i])
+                e[i] = e[i] * e[i]
+
+    @_jit_fma
+    def _fk3_from(L: np.ndarray, k: np.ndarray, e: np.ndarray, out: np.ndarray) -> None:
+        """forward_k3 from k3 and e^L into an array apart from k and e (the lab's fused pass)."""
+        for i in range(L.size):
+            x = L[i]
+            if abs(x) < 1.0:
+                out[i] = x * x + k[i] * (x - 1.0)
+            else:
+                out[i] = e[i] * (x - 1.0) + 1.0
+
+    @_jit_fma
+    def _doubling(code: int, L: np.ndarray, s: int, out: np.ndarray, e: np.ndarray) -> None:
+        """k3 (code 2), forward_k1 (3) or forward_k3 (4) of finite L with |L| <= RADIUS·2^s:
+        k3(y) and e^y at y = L/2^s, then s doublings (e: scratch of L's size)."""
         if code == 2:
+            _k3_scaled(L, s, out)
             for j in range(s):  # steps outside, elements inside: the inner loop vectorises
                 scale = 2.0 ** (j - s)
                 for i in range(L.size):
                     y = L[i] * scale
                     out[i] = y * y + out[i] * (2.0 + 2.0 * y + out[i])
             return
-        for i in range(L.size):
-            e[i] = 1.0 + L[i] * scale + out[i]  # e^y
-        for j in range(s):
-            scale = 2.0 ** (j - s)
-            for i in range(L.size):
-                y = L[i] * scale
-                out[i] = y * y + out[i] * (2.0 + 2.0 * y + out[i])
-                e[i] = e[i] * e[i]
-        for i in range(L.size):
-            x = L[i]
+        _k3_and_exp(L, s, out, e)
+        for i in range(L.size):  # in place, not _fk3_from(L, out, e, out): LLVM's runtime
+            x = L[i]  # overlap check would fail on out = k and leave the loop scalar (3× slower)
             if code == 3:
                 out[i] = x * e[i]
             elif abs(x) < 1.0:
@@ -326,25 +350,34 @@ if _nb is not None:
                 out[i] = e[i] * (x - 1.0) + 1.0
 
     @_jit
+    def _halvings(L: np.ndarray) -> int:
+        """The s with max |L| <= RADIUS·2^s for :func:`_doubling`, or -1 where an inf, NaN or
+        |L| > LIMIT is there (the scalar forms): from the max over L of |L|'s IEEE bits, which is
+        >= the bits of +inf iff an inf or NaN is there, else the bits of max|L| (bits of
+        non-negative doubles order like their values; an integer reduction vectorises, a float
+        one would need fast-math)."""
+        bits = L.view(np.int64)
+        m = 0
+        for i in range(bits.size):
+            m = max(m, bits[i] & _ABS)
+        if m > _LIMIT_BITS:
+            return -1
+        s = 0
+        while m > _RADIUS_BITS + (s << 52):  # adding s to the exponent field multiplies by 2^s
+            s += 1
+        return s
+
+    @_jit
     def _fill(code: int, L: np.ndarray, fast: bool, out: np.ndarray, work: np.ndarray) -> None:
         """Per-sample values of one sub-block (L already float64; work: scratch, same size)."""
         if code <= 1 or not fast:
             _exact(code, L, out)
             return
-        # max over the block of |L|'s IEEE bits: >= the bits of +inf iff an inf or NaN is there,
-        # else the bits of max|L| (bits of non-negative doubles order like their values; an
-        # integer reduction vectorises, a float one would need fast-math)
-        bits = L.view(np.int64)
-        m = 0
-        for i in range(bits.size):
-            m = max(m, bits[i] & _ABS)
-        if m > _LIMIT_BITS:  # inf, NaN or |L| > LIMIT: the scalar forms
+        s = _halvings(L)
+        if s < 0:  # inf, NaN or |L| > LIMIT: the scalar forms
             _exact(code, L, out)
-            return
-        s = 0
-        while m > _RADIUS_BITS + (s << 52):  # adding s to the exponent field multiplies by 2^s
-            s += 1
-        _doubling(code, L, s, out, work)
+        else:
+            _doubling(code, L, s, out, work)
 
     @_jit
     def _values_1d(L: Any, code: int, fast: bool, out: np.ndarray) -> None:
@@ -361,6 +394,14 @@ if _nb is not None:
     # state: [n, mean, m2, min, max of the finite values, NaN seen, +inf seen, -inf seen,
     #         a finite sub-block whose sum overflowed (+1 or -1)]
     _STATE = 9
+
+    @_jit
+    def _unkey(lo: int, hi: int, keys: np.ndarray) -> tuple[float, float]:
+        """The float64 values of two order keys (see :func:`_sums`; keys: int64 scratch of 2)."""
+        keys[0] = lo ^ ((lo >> 63) & _ABS)
+        keys[1] = hi ^ ((hi >> 63) & _ABS)
+        vals = keys.view(np.float64)
+        return vals[0], vals[1]
 
     @_jit_sum
     def _sums(v: np.ndarray) -> tuple[float, float, int, int]:
@@ -431,11 +472,9 @@ if _nb is not None:
             st[0] += k  # the mean is moot from here on: only n and the flags matter
             return
         if extremes:
-            keys[0] = lo ^ ((lo >> 63) & _ABS)
-            keys[1] = hi ^ ((hi >> 63) & _ABS)
-            vals = keys.view(np.float64)
-            st[3] = min(st[3], vals[0])
-            st[4] = max(st[4], vals[1])
+            vlo, vhi = _unkey(lo, hi, keys)
+            st[3] = min(st[3], vlo)
+            st[4] = max(st[4], vhi)
         mean = total / k
         n = st[0]
         tot = n + k
@@ -588,14 +627,49 @@ if _nb is not None:
         ms[3], ms[4], ms[5], ms[6], ms[7], ms[8] = a, b, d, f, g, h
 
     @_jit
+    def _co_merge(st: np.ndarray, ms: np.ndarray, cnt: int) -> bool:
+        """Merge one sub-block's sums ``ms`` (see :func:`_cosums`) of ``cnt`` samples into a
+        co-moment state st = [n, mean_L, mean_k, mean_e, S_LL, S_kk, S_ee, S_Lk, S_Le, S_ke];
+        False if a sum or co-moment is not finite."""
+        for j in range(9):
+            if not math.isfinite(ms[j]):
+                return False
+        c = float(cnt)
+        n = st[0]
+        if n == 0.0:  # the first block: no cross terms (δ² may overflow, inf · 0 is NaN)
+            for j in range(3):
+                st[1 + j] = ms[j] / c
+            for j in range(6):
+                st[4 + j] = ms[3 + j]
+            st[0] = c
+            return True
+        tot = n + c
+        w = n * c / tot
+        d0 = ms[0] / c - st[1]
+        d1 = ms[1] / c - st[2]
+        d2 = ms[2] / c - st[3]
+        st[4] += ms[3] + d0 * d0 * w
+        st[5] += ms[4] + d1 * d1 * w
+        st[6] += ms[5] + d2 * d2 * w
+        st[7] += ms[6] + d0 * d1 * w
+        st[8] += ms[7] + d0 * d2 * w
+        st[9] += ms[8] + d1 * d2 * w
+        st[1] += d0 * (c / tot)
+        st[2] += d1 * (c / tot)
+        st[3] += d2 * (c / tot)
+        st[0] = tot
+        for j in range(4, 10):
+            if not math.isfinite(st[j]):
+                return False
+        return True
+
+    @_jit
     def _kopt_1d(L: Any, fast: bool, out: np.ndarray) -> None:
         buf = np.empty(SUB)
         kv = np.empty(SUB)
         work = np.empty(SUB)
         ms = np.zeros(9)
-        n = 0.0
-        mean = np.zeros(3)
-        S = np.zeros(6)
+        st = np.zeros(10)  # n, means of (L, k3, e), co-moments: see _co_merge
         n_inf = 0.0
         for a in range(0, L.size, SUB):
             m = min(SUB, L.size - a)
@@ -617,43 +691,11 @@ if _nb is not None:
             x = buf[:cnt]
             _fill(2, x, fast, kv[:cnt], work[:cnt])
             _cosums(x, kv[:cnt], ms)
-            ok = True
-            for j in range(9):
-                ok = ok and math.isfinite(ms[j])
-            if not ok:
+            if not _co_merge(st, ms, cnt):
                 out[11] = 1.0
                 return
-            c = float(cnt)
-            if n == 0.0:  # the first block: no cross terms (δ² may overflow, inf · 0 is NaN)
-                for j in range(3):
-                    mean[j] = ms[j] / c
-                for j in range(6):
-                    S[j] = ms[3 + j]
-                n = c
-                continue
-            tot = n + c
-            w = n * c / tot
-            d0 = ms[0] / c - mean[0]
-            d1 = ms[1] / c - mean[1]
-            d2 = ms[2] / c - mean[2]
-            S[0] += ms[3] + d0 * d0 * w
-            S[1] += ms[4] + d1 * d1 * w
-            S[2] += ms[5] + d2 * d2 * w
-            S[3] += ms[6] + d0 * d1 * w
-            S[4] += ms[7] + d0 * d2 * w
-            S[5] += ms[8] + d1 * d2 * w
-            mean[0] += d0 * (c / tot)
-            mean[1] += d1 * (c / tot)
-            mean[2] += d2 * (c / tot)
-            n = tot
-            for j in range(6):
-                if not math.isfinite(S[j]):
-                    out[11] = 1.0
-                    return
-        out[0] = n
-        out[1], out[2], out[3] = mean[0], mean[1], mean[2]
-        for j in range(6):
-            out[4 + j] = S[j]
+        for j in range(10):
+            out[j] = st[j]
         out[10] = n_inf
         out[11] = 0.0
 
@@ -785,50 +827,6 @@ def quadratic_lab(
 
 if _nb is not None:
 
-    @_jit_fma
-    def _k3_and_exp(L: np.ndarray, s: int, k: np.ndarray, e: np.ndarray) -> None:
-        """k3(L) into k and e^L into e for finite L with |L| <= RADIUS·2^s: the steps of
-        :func:`_doubling`'s forward_k3 path, keeping both results (same error bound)."""
-        c = _C
-        scale = 2.0**-s
-        for i in range(L.size):  # k3(y) by Horner, c_2..c_18
-            y = L[i] * scale
-            p = c[16] * y + c[15]
-            p = p * y + c[14]
-            p = p * y + c[13]
-            p = p * y + c[12]
-            p = p * y + c[11]
-            p = p * y + c[10]
-            p = p * y + c[9]
-            p = p * y + c[8]
-            p = p * y + c[7]
-            p = p * y + c[6]
-            p = p * y + c[5]
-            p = p * y + c[4]
-            p = p * y + c[3]
-            p = p * y + c[2]
-            p = p * y + c[1]
-            p = p * y + c[0]
-            k[i] = p * (y * y)
-        for i in range(L.size):
-            e[i] = 1.0 + L[i] * scale + k[i]
-        for j in range(s):
-            scale = 2.0 ** (j - s)
-            for i in range(L.size):
-                y = L[i] * scale
-                k[i] = y * y + k[i] * (2.0 + 2.0 * y + k[i])
-                e[i] = e[i] * e[i]
-
-    @_jit_fma
-    def _fk3_from(L: np.ndarray, k: np.ndarray, e: np.ndarray, out: np.ndarray) -> None:
-        """forward_k3 from k3 and e^L (the last step of :func:`_doubling`'s forward_k3 path)."""
-        for i in range(L.size):
-            x = L[i]
-            if abs(x) < 1.0:
-                out[i] = x * x + k[i] * (x - 1.0)
-            else:
-                out[i] = e[i] * (x - 1.0) + 1.0
-
     @_jit_sum
     def _key_extremes(v: np.ndarray, keys: np.ndarray) -> tuple[float, float]:
         """(min, max) of non-NaN float64 values through order-preserving integer keys (keys:
@@ -840,47 +838,7 @@ if _nb is not None:
             key = bits[i] ^ ((bits[i] >> 63) & _ABS)
             lo = min(lo, key)
             hi = max(hi, key)
-        keys[0] = lo ^ ((lo >> 63) & _ABS)
-        keys[1] = hi ^ ((hi >> 63) & _ABS)
-        vals = keys.view(np.float64)
-        return vals[0], vals[1]
-
-    @_jit
-    def _co_merge(st: np.ndarray, ms: np.ndarray, cnt: int) -> bool:
-        """Merge one sub-block's sums ``ms`` (see :func:`_cosums`) of ``cnt`` samples into a
-        co-moment state st = [n, mean_L, mean_k, mean_e, S_LL, S_kk, S_ee, S_Lk, S_Le, S_ke];
-        False if a sum or co-moment is not finite."""
-        for j in range(9):
-            if not math.isfinite(ms[j]):
-                return False
-        c = float(cnt)
-        n = st[0]
-        if n == 0.0:  # the first block: no cross terms (δ² may overflow, inf · 0 is NaN)
-            for j in range(3):
-                st[1 + j] = ms[j] / c
-            for j in range(6):
-                st[4 + j] = ms[3 + j]
-            st[0] = c
-            return True
-        tot = n + c
-        w = n * c / tot
-        d0 = ms[0] / c - st[1]
-        d1 = ms[1] / c - st[2]
-        d2 = ms[2] / c - st[3]
-        st[4] += ms[3] + d0 * d0 * w
-        st[5] += ms[4] + d1 * d1 * w
-        st[6] += ms[5] + d2 * d2 * w
-        st[7] += ms[6] + d0 * d1 * w
-        st[8] += ms[7] + d0 * d2 * w
-        st[9] += ms[8] + d1 * d2 * w
-        st[1] += d0 * (c / tot)
-        st[2] += d1 * (c / tot)
-        st[3] += d2 * (c / tot)
-        st[0] = tot
-        for j in range(4, 10):
-            if not math.isfinite(st[j]):
-                return False
-        return True
+        return _unkey(lo, hi, keys)
 
     @_jit
     def _quadratic_lab(
@@ -917,18 +875,12 @@ if _nb is not None:
                 for i in range(m):  # the lab engine's form of L for a normal pair
                     Lb[i] = (src[i] * A + B) * src[i] + C
                 if has_k3 or has_fk3 or pair:
-                    bits = Lb.view(np.int64)
-                    mx = 0
-                    for i in range(m):
-                        mx = max(mx, bits[i] & _ABS)
-                    if mx > _LIMIT_BITS:  # inf, NaN or |L| > LIMIT: the scalar forms
+                    s = _halvings(Lb)
+                    if s < 0:  # inf, NaN or |L| > LIMIT: the scalar forms
                         _exact(2, Lb, k)
                         if has_fk3:
                             _exact(4, Lb, f)
                     else:
-                        s = 0
-                        while mx > _RADIUS_BITS + (s << 52):
-                            s += 1
                         _k3_and_exp(Lb, s, k, ev[:m])
                         if has_fk3:
                             _fk3_from(Lb, k, ev[:m], f)

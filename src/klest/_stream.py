@@ -56,14 +56,18 @@ from .table import BUILTIN_NAMES, FDIV_PREFIX, Estimator, check_values, get_esti
 __all__ = [
     "CHUNK",
     "NUMPY_KERNELS",
+    "PAIRS",
     "Kernel",
     "Partial",
     "chunk_moments",
+    "co_merge",
     "combine",
     "finish",
     "kernel_for",
+    "kopt_lambda",
     "kopt_moments",
     "kopt_values",
+    "merge_moments",
     "numpy_kernel",
     "numpy_kind",
     "ordered_map",
@@ -116,17 +120,27 @@ class Partial:
             return self
         if self.n == 0:
             return other
-        n = self.n + other.n
-        lo, hi = min(self.vmin, other.vmin), max(self.vmax, other.vmax)
-        a, b = self.mean, other.mean
-        if math.isnan(a) or math.isnan(b) or (math.isinf(a) and math.isinf(b) and a != b):
-            return Partial(n, math.nan, math.nan, lo, hi)
-        if math.isinf(a) or math.isinf(b):
-            return Partial(n, a if math.isinf(a) else b, math.inf, lo, hi)
-        delta = b - a
-        mean = a + delta * (other.n / n)
-        m2 = self.m2 + other.m2 + delta * delta * (self.n * other.n / n)
-        return Partial(n, mean, m2, lo, hi)
+        n, mean, m2 = merge_moments(self.n, self.mean, self.m2, other.n, other.mean, other.m2)
+        return Partial(n, mean, m2, min(self.vmin, other.vmin), max(self.vmax, other.vmax))
+
+
+def merge_moments(
+    n_a: float, a: float, m2_a: float, n_b: float, b: float, m2_b: float
+) -> tuple[float, float, float]:
+    r"""(n, mean, M2) of two non-empty streams' (count, mean, M2) merged by Chan et al.'s update,
+
+    .. math:: n = n_a + n_b, \quad \bar v = a + \delta n_b / n, \quad
+              M_2 = M_{2,a} + M_{2,b} + \delta^2 n_a n_b / n, \quad \delta = b - a,
+
+    with the module's rule for non-finite means: NaN (and NaN M2) where a mean is NaN or the two
+    are infinite of opposite signs, else the infinite mean with M2 = +inf."""
+    n = n_a + n_b
+    if math.isnan(a) or math.isnan(b) or (math.isinf(a) and math.isinf(b) and a != b):
+        return n, math.nan, math.nan
+    if math.isinf(a) or math.isinf(b):
+        return n, a if math.isinf(a) else b, math.inf
+    delta = b - a
+    return n, a + delta * (n_b / n), m2_a + m2_b + delta * delta * (n_a * n_b / n)
 
 
 def combine(ns: np.ndarray, means: np.ndarray, m2s: np.ndarray) -> tuple[float, float, float]:
@@ -251,6 +265,35 @@ def row_moments(
     return n, mean, m2, vmin, vmax
 
 
+#: The order of the co-moments S_ab of (L, k3, e): S_LL, S_kk, S_ee, S_Lk, S_Le, S_ke.
+PAIRS = ((0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2))
+
+
+def co_merge(
+    n_a: float,
+    mean_a: tuple[float, float, float],
+    s_a: tuple[float, ...],
+    n_b: float,
+    mean_b: tuple[float, float, float],
+    s_b: tuple[float, ...],
+) -> tuple[float, tuple[float, float, float], tuple[float, ...]]:
+    r"""(n, means, S) of two non-empty streams' co-moments (in :data:`PAIRS` order) merged by
+    Chan et al.'s update: with δ = mean_b - mean_a per column,
+
+    .. math:: \bar x = \bar x_a + \delta_x n_b / n, \quad
+              S_{xy} = S_{xy,a} + S_{xy,b} + \delta_x \delta_y n_a n_b / n."""
+    n = n_a + n_b
+    d = [b - a for a, b in zip(mean_a, mean_b, strict=True)]
+    f = n_a * n_b / n
+    mean = (
+        mean_a[0] + d[0] * (n_b / n),
+        mean_a[1] + d[1] * (n_b / n),
+        mean_a[2] + d[2] * (n_b / n),
+    )
+    s = tuple(x + y + d[i] * d[j] * f for x, y, (i, j) in zip(s_a, s_b, PAIRS, strict=True))
+    return n, mean, s
+
+
 @dataclass(frozen=True)
 class KoptPartial:
     r"""What the optimal-λ estimator needs, in one pass: over the samples with L > -inf, the count,
@@ -269,23 +312,28 @@ class KoptPartial:
         if o.n == 0 or self.n == 0:
             base = self if o.n == 0 else o
             return KoptPartial(base.n, base.mean, base.s, n_inf)
-        n = self.n + o.n
-        d = [b - a for a, b in zip(self.mean, o.mean, strict=True)]
-        f = self.n * o.n / n
-        mean = tuple(a + di * (o.n / n) for a, di in zip(self.mean, d, strict=True))
-        cross = [(0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2)]
-        s = tuple(x + y + d[i] * d[j] * f for x, y, (i, j) in zip(self.s, o.s, cross, strict=True))
-        return KoptPartial(n, mean, s, n_inf)  # type: ignore[arg-type]
+        n, mean, s = co_merge(self.n, self.mean, self.s, o.n, o.mean, o.s)
+        return KoptPartial(n, mean, s, n_inf)
 
     @property
     def lam(self) -> float:
         """λ̂ = S_Le/S_ee = Cov(L, r)/Var(r); 1 where Var(r) = 0, 0 where it overflows."""
-        s_ee, s_le = self.s[2], self.s[4]
-        if s_ee == math.inf:
-            return 0.0
-        if s_ee > 0 and math.isfinite(s_le):
-            return s_le / s_ee
+        return kopt_lambda(self.s[2], self.s[4])
+
+
+def kopt_lambda(s_ee: float, s_le: float, shift: int = 0) -> float:
+    """λ̂ = (S_Le/S_ee)·2^shift = Cov(L, r)/Var(r) (``shift``: the co-moments' scale exponents,
+    e_L - e_e); 1 where S_ee = 0 (or S_Le is not finite), 0 where S_ee = +inf; ±inf where the
+    ratio exceeds float64."""
+    if s_ee == math.inf:
+        return 0.0
+    if not (s_ee > 0 and math.isfinite(s_le)):
         return 1.0
+    r = s_le / s_ee
+    try:
+        return math.ldexp(r, shift)
+    except OverflowError:
+        return math.copysign(math.inf, r)
 
 
 def kopt_moments(
@@ -314,9 +362,8 @@ def kopt_moments(
         if keep is not None:
             np.copyto(c, 0.0, where=~keep)
         means.append(m)
-    pairs = [(0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2)]
     with np.errstate(all="ignore"):
-        s = [np.einsum("ij,ij->i", cols[i], cols[j]) for i, j in pairs]
+        s = [np.einsum("ij,ij->i", cols[i], cols[j]) for i, j in PAIRS]
     return [
         KoptPartial(
             float(n[r]),

@@ -36,7 +36,7 @@ SCALE_FROM = 2.0**480  # a chunk with a |value| above this is divided by a power
 _DELTA = 400  # |δ·2^-s| <= 2^400 in a merge: its square times n_a·n_b/n stays far below BIG
 _DELTA_MAX = 2.0**_DELTA
 
-_PAIRS = ((0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2))  # S_LL, S_kk, S_ee, S_Lk, S_Le, S_ke
+_PAIRS = _stream.PAIRS  # S_LL, S_kk, S_ee, S_Lk, S_Le, S_ke
 
 
 def ldexp(x: float, k: int) -> float:
@@ -114,18 +114,16 @@ class ScaledMoments:
             return self
         if self.n == 0:
             return o
-        n = self.n + o.n
         lo, hi = min(self.vmin, o.vmin), max(self.vmax, o.vmax)
         a, b = self.mean, o.mean
         delta = b - a
-        if self.e == 0 and o.e == 0 and abs(delta) <= _DELTA_MAX:  # unscaled: Chan's formula
-            m2 = self.m2 + o.m2 + delta * delta * (self.n * o.n / n)
-            if m2 <= BIG:  # (False for NaN)
-                return ScaledMoments(n, a + delta * (o.n / n), m2, 0, lo, hi)
-        if math.isnan(a) or math.isnan(b) or (math.isinf(a) and math.isinf(b) and a != b):
-            return ScaledMoments(n, math.nan, math.nan, 0, lo, hi)
-        if math.isinf(a) or math.isinf(b):
-            return ScaledMoments(n, a if math.isinf(a) else b, math.inf, 0, lo, hi)
+        unscaled = self.e == 0 and o.e == 0 and abs(delta) <= _DELTA_MAX
+        if unscaled or not (math.isfinite(a) and math.isfinite(b)):
+            # Chan's formula, or the rule for non-finite means (mean NaN or ±inf)
+            n, mean, m2 = _stream.merge_moments(self.n, a, self.m2, o.n, b, o.m2)
+            if m2 <= BIG or not math.isfinite(mean):  # (False for a NaN m2 of finite means)
+                return ScaledMoments(n, mean, m2, 0, lo, hi)
+        n = self.n + o.n
         if math.isfinite(delta):
             mean = a + delta * (o.n / n)
             s = _delta_scale(delta)
@@ -203,12 +201,7 @@ class Comoments:
     @property
     def lam(self) -> float:
         """λ̂ = S_Le/S_ee = Cov(L, r)/Var(r); 1 where Var(r) = 0, 0 where it is infinite."""
-        s_ee, s_le = self.s[2], self.s[4]
-        if s_ee == math.inf:
-            return 0.0
-        if s_ee > 0 and math.isfinite(s_le):
-            return ldexp(s_le / s_ee, self.e[0] - self.e[2])
-        return 1.0
+        return _stream.kopt_lambda(self.s[2], self.s[4], self.e[0] - self.e[2])
 
     def merge(self, o: Comoments) -> Comoments:
         """Chan et al.'s update for co-moments, S_ab gaining δ_a·δ_b·n_a·n_b/n, on the scaled
@@ -217,16 +210,12 @@ class Comoments:
         if o.n == 0 or self.n == 0:
             base = self if o.n == 0 else o
             return Comoments(base.n, base.mean, base.s, base.e, n_inf)
-        n = self.n + o.n
+        n, mean, s0 = _stream.co_merge(self.n, self.mean, self.s, o.n, o.mean, o.s)  # unscaled
         d = [b - a for a, b in zip(self.mean, o.mean, strict=True)]
         f = self.n * o.n / n
-        mean = tuple(a + di * (o.n / n) for a, di in zip(self.mean, d, strict=True))
         if self.e == o.e == (0, 0, 0) and all(abs(di) <= _DELTA_MAX for di in d):
-            s0 = tuple(  # unscaled: Chan's formula
-                x + y + d[i] * d[j] * f for x, y, (i, j) in zip(self.s, o.s, _PAIRS, strict=True)
-            )
             if max(s0[:3]) <= BIG and all(math.isfinite(x) for x in s0):
-                return Comoments(n, mean, s0, (0, 0, 0), n_inf)  # type: ignore[arg-type]
+                return Comoments(n, mean, s0, (0, 0, 0), n_inf)
         ex = [max(x, y, _delta_scale(di)) for x, y, di in zip(self.e, o.e, d, strict=True)]
         dd = [math.ldexp(di, -x) if math.isfinite(di) else di for di, x in zip(d, ex, strict=True)]
         s = tuple(
@@ -235,7 +224,7 @@ class Comoments:
             + dd[i] * dd[j] * f
             for x, y, (i, j) in zip(self.s, o.s, _PAIRS, strict=True)
         )
-        return Comoments.make(n, mean, s, (ex[0], ex[1], ex[2]), n_inf)  # type: ignore[arg-type]
+        return Comoments.make(n, mean, s, (ex[0], ex[1], ex[2]), n_inf)
 
 
 def co_chunk(L: np.ndarray, k3: Callable[[np.ndarray], np.ndarray]) -> Comoments:

@@ -798,15 +798,21 @@ def format_gradient_rows(rows: Sequence[dict[str, Any]], fmt: str = "table") -> 
             )
     else:
         note = "no options"
+    return _table(heads, body, note, fmt)
+
+
+def _table(heads: list[str], body: list[list[str]], note: str, fmt: str, left: int = 1) -> str:
+    """A markdown table, or aligned text columns, then a blank line and the note; the first
+    ``left`` columns are left-aligned, the others (numbers) right-aligned."""
     if fmt == "markdown":
-        out = ["| " + " | ".join(heads) + " |", "|---|" + "---:|" * (len(heads) - 1)]
+        out = ["| " + " | ".join(heads) + " |", "|" + "---|" * left + "---:|" * (len(heads) - left)]
         out += ["| " + " | ".join(c.replace("|", "\\|") for c in b) + " |" for b in body]
         return "\n".join([*out, "", note])
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(heads)]
 
     def line(cells: list[str]) -> str:
         return "  ".join(
-            c.ljust(w) if i == 0 else c.rjust(w)
+            c.ljust(w) if i < left else c.rjust(w)
             for i, (c, w) in enumerate(zip(cells, widths, strict=True))
         ).rstrip()
 

@@ -70,6 +70,7 @@ from .gradients import (
     _compare,
     _num,
     _one_thread,
+    _table,
     exact_gradients,
     sequence_kl_gradients,
     toy_model,
@@ -593,16 +594,4 @@ def format_mismatch_rows(rows: Sequence[dict[str, Any]], fmt: str = "table") -> 
         )
     else:
         note = "no corrections"
-    if fmt == "markdown":
-        out = ["| " + " | ".join(heads) + " |", "|---|---|" + "---:|" * (len(heads) - 2)]
-        out += ["| " + " | ".join(c.replace("|", "\\|") for c in b) + " |" for b in body]
-        return "\n".join([*out, "", note])
-    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(heads)]
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(
-            c.ljust(w) if i < 2 else c.rjust(w)
-            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-        ).rstrip()
-
-    return "\n".join([line(heads), "  ".join("-" * w for w in widths), *map(line, body), "", note])
+    return _table(heads, body, note, fmt, left=2)

@@ -22,7 +22,7 @@ from .._config import get_options
 from .._torch import check_mask, tensor_arg
 from ..errors import KlestError
 
-__all__ = ["Bounds", "Prepared", "bounds", "prepare", "traced"]
+__all__ = ["Bounds", "Prepared", "bounds", "logp_pair", "prepare", "traced"]
 
 Bounds = tuple[float, float]
 
@@ -50,6 +50,29 @@ def _float(name: str, x: Any) -> torch.Tensor:
             value=x,
         )
     return x
+
+
+def logp_pair(train_logp: Any, rollout_logp: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The trainer's and the sampler's per-token log-probabilities as tensors, checked: a floating
+    dtype, shape [batch, seq], the same shape (the checks of ``mismatch`` and
+    ``importance_weights``)."""
+    tr = tensor_arg("train_logp", train_logp)
+    ro = tensor_arg("rollout_logp", rollout_logp)
+    for name, x in (("train_logp", tr), ("rollout_logp", ro)):
+        if not x.is_floating_point():
+            raise KlestError("log-probabilities must have a floating dtype", argument=name, value=x)
+        if x.ndim != 2:
+            raise KlestError(
+                f"must have shape [batch, seq] (2 dimensions), got {tuple(x.shape)}",
+                argument=name,
+                value=x,
+            )
+    if tuple(ro.shape) != tuple(tr.shape):
+        raise KlestError(
+            f"shape {tuple(ro.shape)} differs from train_logp's {tuple(tr.shape)}",
+            argument="rollout_logp",
+        )
+    return tr, ro
 
 
 def bounds(name: str, value: Any, *, upper_only: bool = False) -> Bounds | None:

@@ -51,8 +51,9 @@ import torch
 import torch.distributed as dist
 
 from .._config import get_options
-from .._torch import check_mask, tensor_arg, world_size
+from .._torch import check_mask, world_size
 from ..errors import KlestError
+from ._inputs import logp_pair
 from ._kernels import value as _estimator_value
 
 __all__ = [
@@ -306,20 +307,7 @@ def _prepare(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.dtype]:
     """float64 L (0 at masked positions; −inf where π gives a valid token probability 0) and the
     bool validity mask; the input dtype."""
-    tr = tensor_arg("train_logp", train_logp)
-    ro = tensor_arg("rollout_logp", rollout_logp)
-    for name, x in (("train_logp", tr), ("rollout_logp", ro)):
-        if not x.is_floating_point():
-            raise KlestError("log-probabilities must have a floating dtype", argument=name, value=x)
-        if x.ndim != 2:
-            raise KlestError(
-                f"must have shape [batch, seq], got {tuple(x.shape)}", argument=name, value=x
-            )
-    if tuple(tr.shape) != tuple(ro.shape):
-        raise KlestError(
-            f"shape {tuple(ro.shape)} differs from train_logp's {tuple(tr.shape)}",
-            argument="rollout_logp",
-        )
+    tr, ro = logp_pair(train_logp, rollout_logp)
     m = check_mask(mask, tr.shape, tr.device)
     valid = torch.ones(tr.shape, dtype=torch.bool, device=tr.device) if m is None else m
     tr64 = tr.detach().to(torch.float64)

@@ -74,6 +74,7 @@ import torch.distributed as dist
 from .._config import get_options
 from .._torch import check_mask, tensor_arg, world_size
 from ..errors import KlestError
+from ._inputs import logp_pair
 
 __all__ = ["MISMATCH_NAMES", "MismatchReport", "mismatch"]
 
@@ -183,22 +184,7 @@ def _prepare(
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.dtype]:
     """L = train - rollout in the computation dtype (float64 if an input is, else float32), 0 at
     masked positions; the bool mask (None: every token valid)."""
-    tr = tensor_arg("train_logp", train_logp)
-    ro = tensor_arg("rollout_logp", rollout_logp)
-    for name, x in (("train_logp", tr), ("rollout_logp", ro)):
-        if not x.is_floating_point():
-            raise KlestError("log-probabilities must have a floating dtype", argument=name, value=x)
-        if x.ndim != 2:
-            raise KlestError(
-                f"must have shape [batch, seq] (2 dimensions), got {tuple(x.shape)}",
-                argument=name,
-                value=x,
-            )
-    if tuple(ro.shape) != tuple(tr.shape):
-        raise KlestError(
-            f"shape {tuple(ro.shape)} differs from train_logp's {tuple(tr.shape)}",
-            argument="rollout_logp",
-        )
+    tr, ro = logp_pair(train_logp, rollout_logp)
     if ro.device != tr.device:
         raise KlestError(f"is on {ro.device}, train_logp on {tr.device}", argument="rollout_logp")
     m = check_mask(mask, tr.shape, tr.device)
