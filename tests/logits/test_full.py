@@ -383,6 +383,13 @@ def test_bad_input():
         full_kl(a, b, direction="backward")  # type: ignore[arg-type]
     with pytest.raises(KlestError, match="beta"):
         full_jsd(a, b, 1.5)
+    # not a number: a KlestError naming the argument, not float()'s TypeError/ValueError
+    for bad_t in ("abc", [1.0], True):
+        with pytest.raises(KlestError, match="temperature"):
+            full_kl(a, b, temperature=bad_t)  # type: ignore[arg-type]
+    for bad_b in ("abc", None, True):
+        with pytest.raises(KlestError, match="beta"):
+            full_jsd(a, b, bad_b)  # type: ignore[arg-type]
     with pytest.raises(KlestError, match="integer"):
         token_logprobs(a, t.double())
     with pytest.raises(KlestError, match=r"\[0, 5\)"):

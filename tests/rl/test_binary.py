@@ -91,6 +91,25 @@ def test_limits() -> None:
     assert float(kl[2]) == 0.0
 
 
+def test_gradient_at_p_equal_q_equal_one_is_zero() -> None:
+    # old_logp = logp = 0 (float32 log-probs of near-certain tokens round to 0): p = q is the
+    # KL's minimum, so both derivatives are 0 (as along the whole diagonal a = b), never NaN
+    ta = torch.tensor([0.0, -0.3], requires_grad=True)
+    tb = torch.tensor([0.0, -0.3], requires_grad=True)
+    rl.binary_kl(ta, tb).sum().backward()
+    assert ta.grad is not None and tb.grad is not None
+    assert ta.grad.tolist() == [0.0, 0.0]
+    assert tb.grad.tolist() == [0.0, 0.0]
+    # p = 1 > q: KL = −log q, so ∂/∂logp = −1 exactly
+    tb2 = torch.tensor([-1e-3], dtype=torch.float64, requires_grad=True)
+    rl.binary_kl(torch.tensor([0.0], dtype=torch.float64), tb2).sum().backward()
+    assert tb2.grad is not None and float(tb2.grad) == -1.0
+    # q = 1 > p: ∂/∂logp = (q − p)/(1 − q) → +inf (the KL grows as q → 1), not −inf
+    tb3 = torch.tensor([0.0], dtype=torch.float64, requires_grad=True)
+    rl.binary_kl(torch.tensor([-1e-3], dtype=torch.float64), tb3).sum().backward()
+    assert tb3.grad is not None and float(tb3.grad) == math.inf
+
+
 def test_refusals() -> None:
     with pytest.raises(KlestError, match="old_logp"):
         rl.binary_kl(torch.tensor([0.1]), torch.tensor([-1.0]))

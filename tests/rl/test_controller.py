@@ -100,6 +100,11 @@ def test_adaptive_se_moves_only_outside_the_noise() -> None:
         a.update(float(kl), n_steps=2)
         s.update(float(kl), n_steps=2)
     assert a.value == s.value
+    # z = 0 moves on any deviation, even with an infinite stderr (0·inf is not NaN here):
+    # error clip(+inf) = 0.2, so β = 1·(1 + 0.2·1/100)
+    z0 = KLController("adaptive_se", init=1.0, target=4.0, horizon=100, z=0.0)
+    z0.update(math.inf, kl_stderr=math.inf)
+    assert z0.value == 1.0 + 0.2 / 100
 
 
 def test_adaptive_se_does_not_random_walk_at_the_target() -> None:

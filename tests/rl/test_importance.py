@@ -133,6 +133,15 @@ def test_all_masked_nan_inf_padding_and_refusals() -> None:
         rl.importance_weights(train, roll, mode="truncate", low=0.5)
     with pytest.raises(KlestError, match="rollout_logp"):
         rl.importance_weights(train, roll.masked_fill(torch.ones_like(mask), math.nan))
+    # wrong types: a KlestError naming the argument, never a raw TypeError/ValueError
+    for kw, arg in (
+        ({"mode": "clip", "low": "0.5"}, "low"),
+        ({"high": "abc"}, "high"),
+        ({"high": [1.0]}, "high"),
+        ({"batch_normalize": "yes"}, "batch_normalize"),
+    ):
+        with pytest.raises(KlestError, match=arg):
+            rl.importance_weights(train, roll, **kw)
 
 
 def test_batch_normalize() -> None:

@@ -316,9 +316,20 @@ def correction_weights(model: ToyModel, c: Correction) -> tuple[torch.Tensor, bo
             kw["high"] = c.high
     else:
         kw.update(level=c.level, mode=c.mode, low=c.low, high=c.high)
-    iw = rl.importance_weights(
-        model.logp(model.theta), model.logp(model.old), m, dtype=torch.float64, **kw
-    )
+    try:
+        iw = rl.importance_weights(
+            model.logp(model.theta), model.logp(model.old), m, dtype=torch.float64, **kw
+        )
+    except KlestError as e:
+        if e.argument != "dtype":
+            raise
+        # μ nearly deterministic: some sequence's weight π/μ is beyond float64 (the exact
+        # expectations are finite, but these weights cannot be formed); not the user's dtype
+        raise KlestError(
+            f"the weights of '{c.name}' overflow float64 at this mismatch (some token or "
+            "sequence has μ < e^-709·π); use a smaller value",
+            argument="mismatch",
+        ) from None
     seq_units = iw.level in ("sequence", "geometric")
     W = iw.weights
     if c.normalise:

@@ -1265,7 +1265,19 @@ def exact_mean_sd(q: Any, p: Any, estimator: str) -> tuple[float, float] | None:
         c = integ(lambda L: (L - mL) / s * (e(L) - me))  # Cov(L, r)/s
         lam = c * s / ve if ve > 0 else 1.0
         if ve > 0:
-            return (-mL + lam * me, s * math.sqrt(max(vL - c * c / ve, 0.0)))
+            mean = -mL + lam * me
+            rest = vL - c * c / ve
+            if rest > 1e-6 * vL:
+                return (mean, s * math.sqrt(rest))
+            # the λ*-term removes all but a sliver of Var(L) (p ≈ q: Var = μ²·μ²/2 for
+            # N(μ, 1) against N(0, 1), below float64's resolution of μ²): integrate
+            # v - E v = (λ* - 1)(r - 1) + (r - 1 - L) - E v directly
+            s2 = scale_of(mean)
+            dev = integ(
+                lambda L: ((lam - 1.0) * e(L) + _per_sample_values("k3", L) - mean) / s2,
+                squared=True,
+            )
+            return (mean, s2 * math.sqrt(dev))
         return (-mL, s * math.sqrt(vL))
 
     def v(L: np.ndarray) -> np.ndarray:

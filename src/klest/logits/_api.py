@@ -24,6 +24,7 @@ from ._rows import (
     flat_mask,
     group_of,
     plan,
+    real_arg,
     rows_of,
 )
 from ._tokens import TokenFunction
@@ -329,7 +330,7 @@ def full_jsd(
     >>> bool(torch.allclose(full_jsd(a, b, 1e-6), full_kl(a, b, direction="forward"), atol=1e-5))
     True
     """
-    b_ = float(beta)
+    b_ = real_arg("beta", beta)
     if not 0.0 <= b_ <= 1.0:
         raise KlestError(f"must lie in [0, 1], got {beta!r}", argument="beta")
     if b_ in (0.0, 1.0):

@@ -9,6 +9,7 @@ chunk by chunk.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,7 @@ __all__ = [
     "compute_dtype",
     "group_of",
     "plan",
+    "real_arg",
     "rows_of",
 ]
 
@@ -57,8 +59,21 @@ def check_logits(name: str, x: Any, *, vocab_axis: bool = True) -> torch.Tensor:
     return x
 
 
+def real_arg(name: str, x: Any) -> float:
+    """``x`` as a float: a real number (not a bool or a str) or a 0-d array/tensor; else a
+    KlestError naming ``name`` (never a raw TypeError/ValueError from ``float()``)."""
+    if isinstance(x, bool | str) or not (
+        isinstance(x, numbers.Real) or getattr(x, "ndim", None) == 0
+    ):
+        raise KlestError(f"must be a real number, got {type(x).__name__}", argument=name, value=x)
+    try:
+        return float(x)
+    except (TypeError, ValueError, RuntimeError):
+        raise KlestError("must be a real number", argument=name, value=x) from None
+
+
 def check_temperature(temperature: Any) -> float:
-    t = float(temperature)
+    t = real_arg("temperature", temperature)
     if not (t > 0.0 and math.isfinite(t)):
         raise KlestError(
             f"must be a finite number > 0, got {temperature!r}", argument="temperature"

@@ -123,8 +123,12 @@ class _BinaryKL(torch.autograd.Function):
         a, b = ctx.saved_tensors
         p, l1p, l1q = _parts(a, b)
         da = p * ((a - b) + (l1q - l1p))
-        db = p * torch.expm1(b - a) / -torch.expm1(b)
-        return g * da, g * db
+        db = p * torch.expm1(b - a) / (0.0 - torch.expm1(b))  # 1 − q = +0 at q = 1: +inf
+        # p = q is the minimum: both derivatives are 0 (the formulas give 0/0 and −inf + inf
+        # at p = q = 1, e.g. float32 log-probs that rounded to 0 on both sides)
+        same = a == b
+        zero = torch.zeros((), dtype=da.dtype, device=da.device)
+        return g * torch.where(same, zero, da), g * torch.where(same, zero, db)
 
 
 def binary_tv(

@@ -151,7 +151,8 @@ class KLController:
         self.n_calls += 1
         if self.kind == "fixed":
             return
-        if self.kind == "adaptive_se" and not abs(k - self.target) > self.z * se:
+        noise = self.z * se if self.z > 0.0 else 0.0  # z = 0: never 0·inf = NaN
+        if self.kind == "adaptive_se" and not abs(k - self.target) > noise:
             return
         error = min(max(k / self.target - 1, -_CLIP), _CLIP)
         self.value *= 1 + error * n / self.horizon

@@ -44,6 +44,7 @@ others).
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, fields, replace
 from typing import Any, Literal
 
@@ -394,6 +395,11 @@ def _resolve(
     preset: str | None, level: str, mode: str, low: float | None, high: float | None
 ) -> _Spec:
     explicit_high = not isinstance(high, _DefaultHigh)
+    for name, v in (("low", low), ("high", high)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real)):
+            raise KlestError(
+                f"must be a real number or None, got {type(v).__name__}", argument=name, value=v
+            )
     if preset is None:
         if level not in IMPORTANCE_LEVELS:
             raise KlestError(
@@ -498,6 +504,11 @@ def importance_weights(
     >>> iw.weights, iw.stats.tokens_clipped
     (tensor([[3.0000, 1.0000, 0.6065]]), 1.0)
     """
+    if not isinstance(batch_normalize, bool):
+        raise KlestError(
+            f"must be True or False, got {type(batch_normalize).__name__}",
+            argument="batch_normalize",
+        )
     spec = _resolve(preset, level, mode, low, high)
     _check_bounds(spec.low, spec.high)
     L, valid, in_dtype = _prepare(train_logp, rollout_logp, mask)
